@@ -1,0 +1,5 @@
+"""`python -m parallel_dispatch`."""
+
+from .cli import main
+
+raise SystemExit(main())

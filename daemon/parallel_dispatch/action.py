@@ -1,0 +1,336 @@
+"""`parallel-dispatch action`: one dispatch run, reported the GitHub Actions way.
+
+Inputs come from flags or the runner's `INPUT_*` variables (flags win); the
+GitHub context from `GITHUB_*`. After the run it writes the step summary,
+the step outputs, `::error` annotations for failed tasks, each task's log in
+a folded group, and the sticky PR comment. The token is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import github as gh
+from . import workflow_commands as wc
+from .errors import DispatchError, TaskFileError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+FAIL_ON = ("failure", "never")
+LOG_TAIL_BYTES = 256 * 1024
+ANNOTATION_LOG_LINES = 20
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The action's inputs after flags, `INPUT_*` variables and defaults are merged."""
+
+    task_file: str
+    max_parallel: int | None
+    timeout_ms: int | None
+    on_failure: str | None
+    output_dir: str | None
+    github_token: str | None
+    comment: str
+    fail_on: str
+    config: str | None
+
+
+@dataclass(frozen=True)
+class GitHubContext:
+    """What the runner tells us about the event, read from `GITHUB_*` variables."""
+
+    event_name: str | None
+    event: Mapping[str, Any] | None
+    repository: str | None
+    api_url: str | None
+    run_url: str | None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> GitHubContext:
+        event: Mapping[str, Any] | None = None
+        if path := env.get("GITHUB_EVENT_PATH"):
+            try:
+                event = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                event = None
+        server, repo, run_id = (
+            env.get("GITHUB_SERVER_URL", "https://github.com").rstrip("/"),
+            env.get("GITHUB_REPOSITORY"),
+            env.get("GITHUB_RUN_ID"),
+        )
+        return cls(
+            event_name=env.get("GITHUB_EVENT_NAME"),
+            event=event,
+            repository=repo,
+            api_url=env.get("GITHUB_API_URL"),
+            run_url=f"{server}/{repo}/actions/runs/{run_id}" if repo and run_id else None,
+        )
+
+
+class InputError(DispatchError):
+    """An input value is malformed (exit code 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="parallel-dispatch action",
+        description="Run a task file inside GitHub Actions: summary, outputs, annotations "
+        "and a sticky PR comment. Every flag may instead come from INPUT_<NAME> "
+        "(e.g. INPUT_TASK-FILE or INPUT_TASK_FILE); flags win.",
+    )
+    p.add_argument("task_file_arg", nargs="?", metavar="TASK_FILE", help="same as --task-file")
+    p.add_argument("--task-file")
+    p.add_argument("--max-parallel")
+    p.add_argument("--timeout", help="per-task timeout in milliseconds")
+    p.add_argument("--on-failure", help="continue | stop | retry")
+    p.add_argument("--output-dir")
+    p.add_argument("--github-token", help="prefer INPUT_GITHUB-TOKEN: flags show in `ps`")
+    p.add_argument("--comment", help="sticky (default) | new | off")
+    p.add_argument("--fail-on", help="failure (default) | never")
+    p.add_argument("--config", help="path of the project config (.aiwg/dispatch.toml)")
+    return p
+
+
+def _env_input(env: Mapping[str, str], name: str) -> str | None:
+    """The runner's spelling keeps hyphens (`INPUT_TASK-FILE`); shells need underscores."""
+    upper = name.upper()
+    for key in (f"INPUT_{upper}", f"INPUT_{upper.replace('-', '_')}"):
+        value = env.get(key, "").strip()
+        if value:
+            return value
+    return None
+
+
+def _int(name: str, raw: str | None, minimum: int) -> int | None:
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputError(f"input {name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise InputError(f"input {name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _choice(name: str, raw: str | None, choices: Sequence[str], default: str) -> str:
+    value = (raw or default).strip().lower()
+    if value not in choices:
+        raise InputError(f"input {name} must be one of {' | '.join(choices)}, got {raw!r}")
+    return value
+
+
+def read_inputs(argv: Sequence[str] | None, env: Mapping[str, str]) -> Inputs:
+    """Merge flags over `INPUT_*` variables; raise InputError on bad values."""
+    args = _parser().parse_args(argv)
+
+    def get(name: str) -> str | None:
+        flag = getattr(args, name.replace("-", "_"))
+        return flag if flag not in (None, "") else _env_input(env, name)
+
+    task_file = args.task_file or args.task_file_arg or _env_input(env, "task-file")
+    if not task_file:
+        raise InputError("input task-file is required")
+    return Inputs(
+        task_file=task_file,
+        max_parallel=_int("max-parallel", get("max-parallel"), 1),
+        timeout_ms=_int("timeout", get("timeout"), 1),
+        on_failure=get("on-failure"),
+        output_dir=get("output-dir"),
+        github_token=get("github-token") or env.get("GITHUB_TOKEN") or None,
+        comment=_choice("comment", get("comment"), gh.COMMENT_MODES, "sticky"),
+        fail_on=_choice("fail-on", get("fail-on"), FAIL_ON, "failure"),
+        config=get("config"),
+    )
+
+
+def _counts(report: Mapping[str, Any]) -> dict[str, int]:
+    """Step-output counts: timeouts count as failed, cancelled tasks as skipped."""
+    s = report.get("summary", {})
+    return {
+        "succeeded": int(s.get("succeeded", 0)),
+        "failed": int(s.get("failed", 0)) + int(s.get("timed_out", 0)),
+        "skipped": int(s.get("skipped", 0)) + int(s.get("cancelled", 0)),
+    }
+
+
+def _annotate(report: Mapping[str, Any]) -> None:
+    for task in report.get("tasks", []):
+        status = task.get("status")
+        if status not in ("failed", "timeout"):
+            continue
+        verb = "timed out" if status == "timeout" else "failed"
+        lines = [str(task.get("error") or f"exit code {task.get('exit_code')}")]
+        tail = [str(x) for x in task.get("log_tail") or []][-ANNOTATION_LOG_LINES:]
+        if tail:
+            lines += ["", "Last log lines:", *tail]
+        wc.error("\n".join(lines), title=f"Task {task.get('id')} {verb} ({task.get('agent')})")
+
+
+def _read_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
+    with path.open("rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - limit))
+        data = fh.read()
+    text = data.decode("utf-8", errors="replace")
+    if size > limit:
+        text = f"[… first {size - limit} bytes omitted; full log: {path}]\n" + text
+    return text
+
+
+def _print_logs(report: Mapping[str, Any]) -> None:
+    """Each task's log in a folded group; agent text cannot issue workflow commands."""
+    for task in report.get("tasks", []):
+        log = task.get("log_path")
+        with wc.group(f"{task.get('id')}: {task.get('status')} — log"):
+            if not log or not Path(log).is_file():
+                print("(no log)")
+                continue
+            text = _read_tail(Path(log))
+            with wc.commands_stopped():
+                sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+                sys.stdout.flush()
+
+
+def _write_summary(markdown: str, report_path: str | None) -> None:
+    room = wc.SUMMARY_LIMIT_BYTES - wc.summary_size()
+    where = f"`{report_path}`" if report_path else "the report file"
+    note = (
+        f"\n\n> ✂️ **Truncated** to fit GitHub's 1 MiB step-summary limit. Full report: {where}.\n"
+    )
+    fitted = gh.fit_markdown(markdown, room - 1, note, lambda t: len(t.encode("utf-8")))
+    wc.append_summary(fitted)
+
+
+def _comment(inputs: Inputs, ctx: GitHubContext, report_md: str) -> str:
+    """Post or update the PR comment; return its URL ('' when none). CommentError escapes."""
+    if inputs.comment == "off":
+        return ""
+    pr = gh.pr_number_from_event(ctx.event_name, ctx.event)
+    if pr is None:
+        print(
+            f"parallel-dispatch: event {ctx.event_name or '(none)'} is not a pull request; "
+            "no comment, the report is in the step summary"
+        )
+        return ""
+    if not inputs.github_token or not ctx.repository:
+        wc.warning("no github-token or GITHUB_REPOSITORY: the PR comment was skipped")
+        return ""
+    body = gh.build_comment_body(report_md, inputs.task_file, ctx.run_url)
+    result = gh.post_comment(
+        token=inputs.github_token,
+        repository=ctx.repository,
+        pr_number=pr,
+        body=body,
+        task_file=inputs.task_file,
+        mode=inputs.comment,
+        api_url=ctx.api_url,
+    )
+    if result.warning:
+        wc.warning(result.warning, title="PR comment skipped")
+        return ""
+    print(f"parallel-dispatch: PR comment {result.action}: {result.url}")
+    return result.url or ""
+
+
+def _invalid_markdown(task_file: str, exc: TaskFileError) -> str:
+    lines = "\n".join(d.format() for d in exc.diagnostics)
+    return (
+        f"## parallel-dispatch: `{task_file}` is invalid\n\nNothing ran.\n\n```text\n{lines}\n```\n"
+    )
+
+
+def _finish(inputs: Inputs, ctx: GitHubContext, markdown: str, outputs: dict[str, str]) -> bool:
+    """Comment, then write outputs (they include the comment URL). False if commenting broke."""
+    ok = True
+    try:
+        outputs["comment-url"] = _comment(inputs, ctx, markdown)
+    except gh.CommentError as exc:
+        wc.error(str(exc), title="PR comment failed")
+        outputs["comment-url"] = ""
+        ok = False
+    wc.set_outputs(outputs)
+    return ok
+
+
+def _dispatch(inputs: Inputs) -> Any:
+    from .api import dispatch  # the core; imported late so `--help` stays light
+
+    return dispatch(
+        inputs.task_file,
+        max_parallel=inputs.max_parallel,
+        timeout_ms=inputs.timeout_ms,
+        output_dir=inputs.output_dir,
+        on_failure=inputs.on_failure,
+        config_path=inputs.config,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `parallel-dispatch action`; returns the exit status."""
+    env = os.environ
+    try:
+        inputs = read_inputs(argv, env)
+    except InputError as exc:
+        wc.error(str(exc), title="parallel-dispatch: bad input")
+        return EXIT_USAGE
+    if inputs.github_token:
+        wc.add_mask(inputs.github_token)
+    ctx = GitHubContext.from_env(env)
+
+    try:
+        result = _dispatch(inputs)
+    except TaskFileError as exc:
+        for d in exc.diagnostics:
+            wc.error(
+                d.message,
+                title=f"{d.file}: invalid task file",
+                file=d.file,
+                line=d.line,
+                col=d.column,
+            )
+        markdown = _invalid_markdown(inputs.task_file, exc)
+        wc.append_summary(markdown)
+        outputs = {
+            "status": "invalid",
+            "succeeded": "0",
+            "failed": "0",
+            "skipped": "0",
+            "report": "",
+            "report-json": "",
+        }
+        _finish(inputs, ctx, markdown, outputs)
+        return EXIT_USAGE
+    except DispatchError as exc:
+        wc.error(str(exc), title="parallel-dispatch")
+        return EXIT_USAGE
+
+    report: Mapping[str, Any] = result.report
+    report_md = Path(result.report_md_path).read_text(encoding="utf-8")
+    _write_summary(report_md, str(result.report_md_path))
+    _annotate(report)
+    _print_logs(report)
+    status = str(report.get("status", "failed"))
+    outputs = {
+        "status": status,
+        **{k: str(v) for k, v in _counts(report).items()},
+        "report": str(result.report_md_path),
+        "report-json": str(result.report_json_path),
+    }
+    comment_ok = _finish(inputs, ctx, report_md, outputs)
+    if status == "interrupted":
+        return EXIT_INTERRUPTED
+    if status != "succeeded" and inputs.fail_on == "failure":
+        return EXIT_FAILED
+    return EXIT_OK if comment_ok else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

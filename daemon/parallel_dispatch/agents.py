@@ -1,0 +1,75 @@
+"""Resolving a task's `agent:` to the argv that runs it.
+
+Lookup order: `[agents.<name>]` in `.aiwg/dispatch.toml`, the built-in
+`shell` agent, then the `[agents."*"]` fallback.  Anything else is a
+validation error, caught before a single process starts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .config import AgentConfig, ProjectConfig
+from .model import InputsMode
+
+SHELL_AGENT = "shell"
+FALLBACK = "*"
+PLACEHOLDERS = ("agent", "task_id", "output", "output_dir", "project")
+_PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """Everything a runner needs to start one agent; placeholders still unexpanded."""
+
+    name: str
+    command: tuple[str, ...]
+    prompt_mode: str = "stdin"
+    output_mode: str = "stdout"
+    env: Mapping[str, str] = field(default_factory=dict)
+    inputs: InputsMode = "inline"
+    source: str = "config"
+
+    def argv(self, values: Mapping[str, str]) -> list[str]:
+        """Expand `{agent}`-style placeholders; other braces are left alone."""
+        return [_PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], arg) for arg in self.command]
+
+
+BUILTIN_SHELL = AgentSpec(
+    name=SHELL_AGENT,
+    command=("/bin/sh", "-c"),
+    prompt_mode="arg",
+    output_mode="stdout",
+    inputs="none",
+    source="built-in",
+)
+
+
+def _from_config(name: str, cfg: AgentConfig, source: str) -> AgentSpec:
+    return AgentSpec(
+        name=name,
+        command=tuple(cfg.command),
+        prompt_mode=cfg.prompt,
+        output_mode=cfg.output,
+        env=dict(cfg.env),
+        inputs=cfg.inputs or "inline",
+        source=source,
+    )
+
+
+def resolve_agent(name: str, config: ProjectConfig) -> AgentSpec | None:
+    """The spec for `name`, or None when nothing configures it."""
+    if name in config.agents and name != FALLBACK:
+        return _from_config(name, config.agents[name], f"[agents.{name}]")
+    if name == SHELL_AGENT:
+        return BUILTIN_SHELL
+    if FALLBACK in config.agents:
+        return _from_config(name, config.agents[FALLBACK], '[agents."*"]')
+    return None
+
+
+def known_agents(config: ProjectConfig) -> list[str]:
+    """Names a task may use, for error messages and did-you-mean."""
+    return sorted({*(n for n in config.agents if n != FALLBACK), SHELL_AGENT})

@@ -1,0 +1,155 @@
+"""The `parallel-dispatch` command line.
+
+The bare form mirrors the reference's usage line; subcommands cover the rest.
+Exit codes: 0 all tasks succeeded, 1 a task failed/timed out/was skipped,
+2 invalid input or usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from . import __version__
+from .api import overrides_from, run_spec
+from .errors import DispatchError, TaskFileError
+from .loader import load_spec
+from .model import task_file_schema
+from .plan_view import render_plan
+from .progress import for_stream
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+SUBCOMMANDS = ("run", "validate", "plan", "schema", "action")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task_file", metavar="TASK_FILE", help="YAML task file")
+    p.add_argument("--max-parallel", type=_positive_int, metavar="N",
+                   help="maximum concurrent agents (default 4)")
+    p.add_argument("--timeout", type=_positive_int, metavar="MS",
+                   help="per-task timeout in milliseconds (default 120000)")
+    p.add_argument("--output", metavar="DIR", help="output directory (default .aiwg/working/)")
+    p.add_argument("--on-failure", choices=("continue", "stop", "retry"),
+                   help="failure handling (default continue)")
+    p.add_argument("--dry-run", action="store_true", help="show execution plan without running")
+    p.add_argument("--config", metavar="PATH", help="project config (default .aiwg/dispatch.toml)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parallel-dispatch",
+        usage="parallel-dispatch TASK_FILE [--max-parallel N] [--timeout MS] [--output DIR] "
+              "[--on-failure continue|stop|retry] [--dry-run]\n"
+              "       parallel-dispatch {run,validate,plan,schema,action} ...",
+        description="Run a YAML file of AI-agent tasks as a dependency graph.",
+    )
+    parser.add_argument("--version", action="version", version=f"parallel-dispatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _run_options(sub.add_parser("run", help="run a task file (same as the bare form)"))
+    v = sub.add_parser("validate", help="check task files; run nothing")
+    v.add_argument("files", nargs="+", metavar="FILE")
+    v.add_argument("--config", metavar="PATH")
+    p = sub.add_parser("plan", help="show waves, order, critical path; run and write nothing")
+    p.add_argument("task_file", metavar="FILE")
+    p.add_argument("--max-parallel", type=_positive_int, metavar="N")
+    p.add_argument("--timeout", type=_positive_int, metavar="MS")
+    p.add_argument("--output", metavar="DIR")
+    p.add_argument("--on-failure", choices=("continue", "stop", "retry"))
+    p.add_argument("--config", metavar="PATH")
+    sub.add_parser("schema", help="print the JSON Schema of task files")
+    sub.add_parser("action", help="run as a GitHub Action step (see action.yml)", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "action":
+        from .action import main as action_main
+
+        return action_main(args_list[1:])
+    if args_list and args_list[0] not in SUBCOMMANDS and not args_list[0].startswith("-"):
+        args_list.insert(0, "run")
+    parser = build_parser()
+    if not args_list:
+        parser.print_usage(sys.stderr)
+        return EXIT_USAGE
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
+    try:
+        if args.command == "validate":
+            return _validate(args.files, args.config)
+        if args.command == "schema":
+            print(json.dumps(task_file_schema(), indent=2))
+            return EXIT_OK
+        if args.command == "plan":
+            args.dry_run = True
+            args.quiet = True
+        return _run(args)
+    except TaskFileError as exc:
+        _print_diagnostics(exc)
+        return EXIT_USAGE
+    except DispatchError as exc:
+        print(f"parallel-dispatch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _print_diagnostics(exc: TaskFileError) -> None:
+    for d in exc.diagnostics:
+        print(d.format(), file=sys.stderr)
+    files = sorted({d.file for d in exc.diagnostics})
+    n = len(exc.diagnostics)
+    print(f"{n} error{'s' if n != 1 else ''} in {', '.join(files)}; nothing was run.",
+          file=sys.stderr)
+
+
+def _validate(files: list[str], config: str | None) -> int:
+    status = EXIT_OK
+    for f in files:
+        try:
+            spec = load_spec(f, config_path=config)
+        except TaskFileError as exc:
+            _print_diagnostics(exc)
+            status = EXIT_USAGE
+            continue
+        print(f"{f}: OK — {len(spec.tasks)} tasks in {len(spec.graph.waves())} waves")
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.task_file, config_path=args.config, overrides=overrides_from(
+        max_parallel=args.max_parallel, timeout_ms=args.timeout, output_dir=args.output,
+        on_failure=args.on_failure))
+    progress = for_stream(sys.stderr, quiet=args.quiet)
+    if args.dry_run:
+        from .runners import CommandRunner
+
+        real = CommandRunner()
+        result = trio.run(lambda: run_spec(spec, runner=real, dry_run=True, progress=progress))
+        print(render_plan(spec, result, real))
+        return EXIT_OK
+    result = trio.run(lambda: run_spec(spec, progress=progress, handle_signals=True))
+    if result.report_md_path is not None:
+        print(f"report: {result.report_md_path}")
+    return result.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""Task file → validated `DispatchSpec`, reporting every problem at once.
+
+Validation never touches the output directory except to read symlinks, so a
+file with errors runs nothing and writes nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import posixpath
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .agents import SHELL_AGENT, known_agents, resolve_agent
+from .config import ProjectConfig, find_project_root, load_config, resolve_settings
+from .errors import ConfigError, Diagnostic, TaskFileError
+from .graph import Graph, find_cycles
+from .model import Settings, Task, TaskFile
+from .spec import DispatchSpec
+from .yamlsafe import Document, load_yaml
+
+RESERVED_OUTPUTS = ("dispatch-report.md", "dispatch-report.json", "logs", ".dispatch-state.toml",
+                    ".dispatch")
+
+_FIELDS: dict[str, list[str]] = {
+    "root": list(TaskFile.model_fields),
+    "task": list(Task.model_fields),
+    "settings": list(Settings.model_fields),
+}
+
+
+def load_spec(
+    path: str | Path,
+    *,
+    overrides: dict[str, Any] | None = None,
+    config_path: str | Path | None = None,
+    cwd: Path | None = None,
+) -> DispatchSpec:
+    """Parse, validate and resolve one task file; raise `TaskFileError` listing all errors."""
+    path = Path(path)
+    display = str(path)
+    doc = load_yaml(path, display)
+    checker = _Checker(doc)
+    model = checker.validate_model()
+    checker.check_graph()
+    root = find_project_root(path, cwd)
+    config: ProjectConfig | None = None
+    try:
+        config = load_config(root, Path(config_path) if config_path else None)
+    except ConfigError as exc:
+        checker.diagnostics.extend(exc.diagnostics)
+    spec = None
+    if model is not None and config is not None and not checker.diagnostics:
+        settings = resolve_settings(root, model.settings, config, overrides or {})
+        checker.check_outputs(model, settings.output_dir)
+        agents = checker.check_agents(model, config)
+        if not checker.diagnostics:
+            ids = [t.id for t in model.tasks]
+            where = {t: i for i, t in enumerate(ids)}
+            graph = Graph.build(ids, [[where[d] for d in t.dependencies] for t in model.tasks])
+            spec = DispatchSpec(
+                path=path, display=display, name=model.name or path.stem,
+                description=model.description, tasks=tuple(model.tasks),
+                agents=tuple(agents), graph=graph, settings=settings, config=config,
+            )
+    if checker.diagnostics or spec is None:
+        raise TaskFileError(sorted(checker.diagnostics, key=_order))
+    return spec
+
+
+def _order(d: Diagnostic) -> tuple[str, int, int]:
+    return (d.file, d.line or 0, d.column or 0)
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+class _Checker:
+    """Accumulates diagnostics for one document."""
+
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+        self.diagnostics: list[Diagnostic] = []
+        data = doc.data
+        self.raw_tasks: list[Any] = []
+        if isinstance(data, dict) and isinstance(data.get("tasks"), list):
+            self.raw_tasks = data["tasks"]
+
+    def add(self, loc: tuple[str | int, ...], message: str) -> None:
+        pos = self.doc.positions.of(loc)
+        line, col = pos if pos else (None, None)
+        self.diagnostics.append(Diagnostic(self.doc.file, line, col, message, self.task_id(loc)))
+
+    def task_id(self, loc: tuple[str | int, ...]) -> str | None:
+        if len(loc) >= 2 and loc[0] == "tasks" and isinstance(loc[1], int):
+            i = loc[1]
+            raw = self.raw_tasks[i] if i < len(self.raw_tasks) else None
+            if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+                return raw["id"]
+            return f"#{i + 1}"
+        return None
+
+    # -- schema ---------------------------------------------------------------
+    def validate_model(self) -> TaskFile | None:
+        data = self.doc.data
+        if not isinstance(data, dict):
+            self.add((), "a task file must be a mapping with a 'tasks:' list")
+            return None
+        try:
+            return TaskFile.model_validate(data)
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = tuple(err["loc"])
+                self.add(loc, self._message(err, loc))
+            return None
+
+    def _message(self, err: Any, loc: tuple[str | int, ...]) -> str:
+        kind = err["type"]
+        key = str(loc[-1]) if loc else ""
+        section = "root"
+        if len(loc) >= 3 and loc[0] == "tasks":
+            section = "task"
+        elif loc and loc[0] == "settings":
+            section = "settings"
+        if kind == "extra_forbidden":
+            return (f"unknown key '{key}'{did_you_mean(key, _FIELDS[section])} "
+                    f"(allowed: {', '.join(_FIELDS[section])})")
+        if kind == "missing":
+            return f"missing required key '{key}'"
+        if loc == ("tasks",) and kind == "too_short":
+            return "the task list is empty; add at least one task"
+        got = err.get("input")
+        field = ".".join(str(p) for p in loc if not isinstance(p, int) or section != "task")
+        if section == "task":
+            field = ".".join(str(p) for p in loc[2:])
+        if kind == "string_pattern_mismatch":
+            return f"'{field}' must use only letters, digits, '.', '_' and '-' (got {got!r})"
+        if kind in ("greater_than", "greater_than_equal"):
+            bound = err.get("ctx", {}).get("gt", err.get("ctx", {}).get("ge"))
+            op = ">" if kind == "greater_than" else "≥"
+            return f"'{field}' must be {op} {bound} (got {got!r})"
+        if kind == "literal_error":
+            return f"'{field}' must be one of {err['ctx']['expected']} (got {got!r})"
+        return f"'{field}': {err['msg'].lower()} (got {_short(got)})"
+
+    # -- graph ----------------------------------------------------------------
+    def check_graph(self) -> None:
+        ids: dict[str, int] = {}
+        for i, raw in enumerate(self.raw_tasks):
+            if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+                if raw["id"] in ids:
+                    first = self.doc.positions.of(("tasks", ids[raw["id"]], "id"))
+                    self.add(("tasks", i, "id"),
+                             f"duplicate id '{raw['id']}' (first defined on line "
+                             f"{first[0] if first else '?'}); ids must be unique")
+                else:
+                    ids[raw["id"]] = i
+        names = list(ids)
+        edges: list[list[int]] = [[] for _ in self.raw_tasks]
+        for i, raw in enumerate(self.raw_tasks):
+            deps = raw.get("dependencies") if isinstance(raw, dict) else None
+            if not isinstance(deps, list):
+                continue
+            for j, dep in enumerate(deps):
+                if not isinstance(dep, str):
+                    continue
+                loc = ("tasks", i, "dependencies", j)
+                if dep == raw.get("id"):
+                    self.add(loc, "a task cannot depend on itself; remove it from 'dependencies'")
+                elif dep not in ids:
+                    self.add(loc, f"unknown dependency '{dep}'{did_you_mean(dep, names)}")
+                else:
+                    edges[i].append(ids[dep])
+        for cycle in find_cycles(edges):
+            arrow = " → ".join(self.raw_tasks[i]["id"] for i in cycle)
+            self.add(("tasks", cycle[0], "dependencies"),
+                     f"dependency cycle: {arrow} (each depends on the next); break one link")
+
+    # -- outputs and agents -----------------------------------------------------
+    def check_outputs(self, model: TaskFile, output_dir: Path) -> None:
+        real_root = os.path.realpath(output_dir)
+        seen: dict[str, int] = {}
+        dirs: dict[str, int] = {}
+        norms: list[str | None] = []
+        for i, task in enumerate(model.tasks):
+            loc = ("tasks", i, "output")
+            out = task.output
+            norm = posixpath.normpath(out.replace("\\", "/"))
+            norms.append(None)
+            if os.path.isabs(out) or out.startswith("~"):
+                self.add(loc, f"output '{out}' is absolute; give a path relative to output_dir "
+                              f"({output_dir})")
+                continue
+            if norm == ".." or norm.startswith("../"):
+                self.add(loc, f"output '{out}' leaves the output dir through '..'")
+                continue
+            if norm == ".":
+                self.add(loc, f"output '{out}' names the output dir itself; name a file or "
+                              "directory inside it")
+                continue
+            if norm.split("/")[0] in RESERVED_OUTPUTS:
+                self.add(loc, f"output '{out}' is reserved for dispatch's own files; rename it")
+                continue
+            real = os.path.realpath(output_dir / norm)
+            if os.path.commonpath([real_root, real]) != real_root:
+                self.add(loc, f"output '{out}' leaves the output dir through a symlink "
+                              f"(it resolves to {real})")
+                continue
+            if norm in seen:
+                other = model.tasks[seen[norm]].id
+                self.add(loc, f"output '{out}' is also the output of task '{other}'; "
+                              "give each task its own output")
+                continue
+            seen[norm] = i
+            norms[i] = norm
+            if task.is_directory:
+                dirs[norm] = i
+        for i, norm in enumerate(norms):
+            if norm is None:
+                continue
+            parent = posixpath.dirname(norm)
+            while parent:
+                if parent in dirs and dirs[parent] != i:
+                    other = model.tasks[dirs[parent]]
+                    self.add(("tasks", i, "output"),
+                             f"output '{model.tasks[i].output}' is inside the directory output "
+                             f"'{other.output}' of task '{other.id}'; outputs must not overlap")
+                    break
+                parent = posixpath.dirname(parent)
+
+    def check_agents(self, model: TaskFile, config: ProjectConfig) -> list[Any]:
+        specs = []
+        known = known_agents(config)
+        where = config.path or (config.root / ".aiwg" / "dispatch.toml")
+        for i, task in enumerate(model.tasks):
+            spec = resolve_agent(task.agent, config)
+            if spec is None:
+                self.add(("tasks", i, "agent"),
+                         f"unknown agent '{task.agent}'{did_you_mean(task.agent, known)} "
+                         f"(known agents: {', '.join(known)}); configure it as "
+                         f"[agents.{task.agent}] or [agents.\"*\"] in {where}")
+            elif spec.name == SHELL_AGENT and task.inputs not in (None, "none"):
+                self.add(("tasks", i, "inputs"),
+                         "the shell agent's prompt is a script, so nothing can be appended to "
+                         "it; remove 'inputs' and read $DISPATCH_INPUTS (a JSON object of "
+                         "dependency id → output path) instead")
+            specs.append(spec)
+        return specs
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

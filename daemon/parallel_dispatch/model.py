@@ -1,0 +1,80 @@
+"""The task-file format: the reference's keys, plus a few opt-in extensions.
+
+Models forbid unknown keys so that a typo (`dependancies`) is an error instead
+of a silently ignored setting.  Field constraints carry the user-facing limits.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+OnFailure = Literal["continue", "stop", "retry"]
+InputsMode = Literal["none", "paths", "inline"]
+
+PositiveMs = Annotated[StrictInt, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Settings(_Strict):
+    """Per-file settings; every field is optional so precedence can fill the gaps."""
+
+    max_parallel: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="Maximum number of agents running at once.")
+    timeout_per_task: PositiveMs | None = Field(
+        None, description="Per-task timeout in milliseconds.")
+    output_dir: StrictStr | None = Field(
+        None, description="Directory for outputs and the report, relative to the project root.")
+    on_failure: OnFailure | None = Field(
+        None, description="continue: skip dependents; stop: cancel everything; retry: retry, "
+        "then continue.")
+    max_retries: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        None, description="Retries per task under on_failure: retry (default 3).")
+    retry_backoff: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="Base of the exponential retry backoff, in seconds (default 1).")
+
+
+class Task(_Strict):
+    """One agent invocation and the file or directory it produces."""
+
+    id: Annotated[StrictStr, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = Field(
+        description="Unique task id: letters, digits, '.', '_' and '-'.")
+    agent: Annotated[StrictStr, Field(min_length=1)] = Field(
+        description="Agent name, resolved through .aiwg/dispatch.toml (or the built-in 'shell').")
+    prompt: StrictStr = Field(description="The prompt, sent on stdin unless the agent says 'arg'.")
+    output: Annotated[StrictStr, Field(min_length=1)] = Field(
+        description="Output path relative to output_dir; a trailing '/' makes it a directory.")
+    dependencies: list[StrictStr] = Field(
+        default_factory=list, description="Ids of tasks that must succeed first.")
+    timeout: PositiveMs | None = Field(
+        None, description="This task's timeout in milliseconds (overrides every other setting).")
+    retries: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        None, description="Retries for this task, under any on_failure policy.")
+    inputs: InputsMode | None = Field(
+        None, description="How dependency outputs are appended to the prompt "
+        "(default inline; 'none' for the shell agent).")
+
+    @property
+    def is_directory(self) -> bool:
+        return self.output.endswith("/")
+
+
+class TaskFile(_Strict):
+    """A whole task file, as in AIWG's /parallel-dispatch reference."""
+
+    name: StrictStr | None = Field(None, description="Name of the dispatch (default: file stem).")
+    description: StrictStr | None = None
+    tasks: list[Task] = Field(min_length=1, description="The tasks; order breaks priority ties.")
+    settings: Settings = Field(default_factory=Settings)
+
+
+def task_file_schema() -> dict[str, object]:
+    """JSON Schema for editors (yaml-language-server, VS Code)."""
+    schema = TaskFile.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "parallel-dispatch task file"
+    return schema

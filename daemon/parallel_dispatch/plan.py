@@ -1,0 +1,73 @@
+"""What is ready to run, and in which order (ninja's `Plan`).
+
+A task becomes ready the moment its last dependency succeeds; there is no
+barrier between waves.  Among ready tasks, the one with the longest remaining
+path to the end of the DAG goes first, so the critical path never waits
+behind short side branches.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+from .graph import Graph
+
+
+class Plan:
+    """Ready queue over a `Graph`, ordered by remaining critical-path length."""
+
+    def __init__(self, graph: Graph, priority: Sequence[float]) -> None:
+        self.graph = graph
+        self.priority = priority
+        self._missing = [len(d) for d in graph.deps]
+        self._ready: list[tuple[float, int]] = []
+        self._closed = [False] * len(graph)
+        for i in range(len(graph)):
+            if self._missing[i] == 0:
+                self._push(i)
+
+    @classmethod
+    def with_weights(cls, graph: Graph, weight: Sequence[float]) -> Plan:
+        return cls(graph, graph.remaining_path(weight))
+
+    def _push(self, i: int) -> None:
+        heapq.heappush(self._ready, (-self.priority[i], i))
+
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    def pop_ready(self) -> int:
+        """The most urgent ready task; ties go to file order."""
+        return heapq.heappop(self._ready)[1]
+
+    def requeue(self, i: int) -> None:
+        """Put a task back (a retry after its backoff)."""
+        self._push(i)
+
+    def succeeded(self, i: int) -> list[int]:
+        """Mark `i` done; return dependents that just became ready."""
+        self._closed[i] = True
+        newly = []
+        for c in self.graph.children[i]:
+            self._missing[c] -= 1
+            if self._missing[c] == 0 and not self._closed[c]:
+                self._push(c)
+                newly.append(c)
+        return newly
+
+    def failed(self, i: int) -> list[int]:
+        """Mark `i` finished without success; return dependents now unreachable."""
+        self._closed[i] = True
+        doomed = [d for d in self.graph.descendants(i) if not self._closed[d]]
+        for d in doomed:
+            self._closed[d] = True
+        return doomed
+
+    def drain(self) -> list[int]:
+        """Close everything not yet finished (stop/interrupt); return those tasks."""
+        self._ready.clear()
+        rest = [i for i, closed in enumerate(self._closed) if not closed]
+        for i in rest:
+            self._closed[i] = True
+        return rest

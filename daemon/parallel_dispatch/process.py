@@ -1,0 +1,94 @@
+"""Agents run in their own session; cancelling one kills its whole process group.
+
+trio's default cancel signals only the direct child, which would orphan any
+grandchildren an agent CLI spawns (node workers, shells, language servers).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO
+
+import trio
+
+KILL_GRACE_S = 2.0
+"""How long an agent gets between SIGTERM and SIGKILL."""
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to a process group; False when the group is already gone."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pgid reused by someone else's process: not ours to kill
+        return False
+    return True
+
+
+def group_alive(pgid: int) -> bool:
+    return signal_group(pgid, 0)
+
+
+def make_group_killer(grace: float = KILL_GRACE_S):
+    """A `deliver_cancel` for `trio.run_process` that terminates the whole group."""
+
+    async def deliver_cancel(process: trio.Process) -> None:
+        signal_group(process.pid, signal.SIGTERM)
+        await trio.sleep(grace)
+        signal_group(process.pid, signal.SIGKILL)
+
+    return deliver_cancel
+
+
+@dataclass
+class Exit:
+    returncode: int
+    pid: int
+
+
+async def run_in_group(
+    argv: Sequence[str],
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+    stdin: bytes,
+    stdout: IO[bytes] | int,
+    stderr: IO[bytes] | int,
+    grace: float = KILL_GRACE_S,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> Exit:
+    """Run `argv` as a new session leader and wait for it.
+
+    Output goes straight to the given files, so the dispatcher never holds it in
+    memory.  On cancellation the group gets SIGTERM, then SIGKILL after `grace`.
+    However the leader ends, leftover group members are killed: an agent's
+    background processes never outlive its task.  `task_status.started` gets the
+    pid (= pgid) so callers can record it.
+    """
+    pid = -1
+    try:
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(_start, argv, cwd, env, stdin,
+                                                        stdout, stderr, grace)
+            pid = process.pid
+            task_status.started(pid)
+        return Exit(process.returncode if process.returncode is not None else -1, pid)
+    finally:
+        if pid > 0:
+            signal_group(pid, signal.SIGKILL)
+
+
+async def _start(
+    argv: Sequence[str], cwd: str, env: Mapping[str, str], stdin: bytes,
+    stdout: IO[bytes] | int, stderr: IO[bytes] | int, grace: float,
+    task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await trio.run_process(
+        list(argv), stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=dict(env),
+        check=False, start_new_session=True, deliver_cancel=make_group_killer(grace),
+        task_status=task_status,
+    )

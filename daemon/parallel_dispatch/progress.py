@@ -1,0 +1,139 @@
+"""Progress output (ninja's `Status`), kept apart from scheduling.
+
+On a terminal a single live line shows done/total, elapsed time and what is
+running; elsewhere (CI logs, pipes) each event is one plain line.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Protocol, TextIO
+
+from .result import RunResult, TaskRecord
+
+_MARK = {"succeeded": "✓", "failed": "✗", "timeout": "⏱", "skipped": "↷", "cancelled": "⊘",
+         "planned": "·"}
+
+
+class Progress(Protocol):
+    def run_started(self, result: RunResult) -> None: ...
+    def task_started(self, rec: TaskRecord, description: str) -> None: ...
+    def task_retrying(self, rec: TaskRecord, delay: float) -> None: ...
+    def task_finished(self, rec: TaskRecord) -> None: ...
+    def run_finished(self, result: RunResult) -> None: ...
+
+
+class NullProgress:
+    def run_started(self, result: RunResult) -> None: ...
+    def task_started(self, rec: TaskRecord, description: str) -> None: ...
+    def task_retrying(self, rec: TaskRecord, delay: float) -> None: ...
+    def task_finished(self, rec: TaskRecord) -> None: ...
+    def run_finished(self, result: RunResult) -> None: ...
+
+
+def _describe_end(rec: TaskRecord) -> str:
+    text = f"{_MARK.get(rec.status, '?')} {rec.id} {rec.status}"
+    if rec.status not in ("skipped", "planned") and rec.end_s is not None:
+        text += f" in {rec.busy_s:.1f}s"
+    if rec.attempts > 1:
+        text += f" after {rec.attempts} attempts"
+    detail = rec.reason or (rec.error if rec.status != "succeeded" else None)
+    if detail:
+        text += f": {detail}"
+    return text
+
+
+class PlainProgress:
+    """One line per event, prefixed by the elapsed time."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.t0 = time.monotonic()
+        self.total = 0
+        self.done = 0
+
+    def _line(self, text: str) -> None:
+        self.stream.write(f"[{time.monotonic() - self.t0:7.1f}s] {text}\n")
+        self.stream.flush()
+
+    def run_started(self, result: RunResult) -> None:
+        self.t0 = time.monotonic()
+        self.total = len(result.records)
+        s = result.spec.settings
+        self._line(f"dispatch '{result.spec.name}': {self.total} tasks, max_parallel "
+                   f"{s.max_parallel}, on_failure {s.on_failure}, output {s.output_dir}")
+
+    def task_started(self, rec: TaskRecord, description: str) -> None:
+        attempt = f" (attempt {rec.attempts})" if rec.attempts > 1 else ""
+        self._line(f"▶ {rec.id} [{rec.agent}]{attempt}")
+
+    def task_retrying(self, rec: TaskRecord, delay: float) -> None:
+        self._line(f"↻ {rec.id} {rec.status} ({rec.error}); retrying in {delay:.1f}s")
+
+    def task_finished(self, rec: TaskRecord) -> None:
+        self.done += 1
+        self._line(f"{_describe_end(rec)}  [{self.done}/{self.total}]")
+
+    def run_finished(self, result: RunResult) -> None:
+        self._line(f"finished: {result.status} — {result.count('succeeded')} succeeded, "
+                   f"{result.count('failed')} failed, {result.count('timeout')} timed out, "
+                   f"{result.count('skipped')} skipped, {result.count('cancelled')} cancelled "
+                   f"in {result.wall_s:.1f}s")
+
+
+class LiveProgress(PlainProgress):
+    """A redrawn status line on a TTY; finished tasks scroll above it."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream)
+        self.running: dict[str, float] = {}
+
+    def _clear(self) -> None:
+        self.stream.write("\r\x1b[2K")
+
+    def _line(self, text: str) -> None:
+        self._clear()
+        self.stream.write(f"[{time.monotonic() - self.t0:7.1f}s] {text}\n")
+        self.redraw()
+
+    def redraw(self) -> None:
+        now = time.monotonic()
+        names = sorted(self.running, key=self.running.get)  # type: ignore[arg-type]
+        shown = ", ".join(f"{n} {now - self.running[n]:.0f}s" for n in names[:4])
+        if len(names) > 4:
+            shown += f", +{len(names) - 4}"
+        width = 200
+        status = (f"[{self.done}/{self.total}] {now - self.t0:.0f}s elapsed · "
+                  f"running {len(names)}: {shown}")[:width]
+        self._clear()
+        self.stream.write(status)
+        self.stream.flush()
+
+    def task_started(self, rec: TaskRecord, description: str) -> None:
+        self.running[rec.id] = time.monotonic()
+        self.redraw()
+
+    def task_finished(self, rec: TaskRecord) -> None:
+        self.running.pop(rec.id, None)
+        super().task_finished(rec)
+
+    def task_retrying(self, rec: TaskRecord, delay: float) -> None:
+        self.running.pop(rec.id, None)
+        super().task_retrying(rec, delay)
+
+    def run_finished(self, result: RunResult) -> None:
+        self.running.clear()
+        self._clear()
+        super().run_finished(result)
+        self._clear()
+        self.stream.flush()
+
+
+def for_stream(stream: TextIO | None = None, quiet: bool = False) -> Progress:
+    stream = stream or sys.stderr
+    if quiet:
+        return NullProgress()
+    if stream.isatty():
+        return LiveProgress(stream)
+    return PlainProgress(stream)

@@ -1,0 +1,252 @@
+"""`dispatch-report.md` and `dispatch-report.json`: the same facts, two audiences.
+
+The Markdown keeps the reference's sections and layout (Summary, Execution
+Timeline, Task Details, Outputs) and adds counts, attempts, failure logs and a
+Mermaid gantt chart.  The JSON is the machine contract described in
+docs/architecture.md (schema_version 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_text
+from .result import RunResult, TaskRecord
+
+REPORT_MD = "dispatch-report.md"
+REPORT_JSON = "dispatch-report.json"
+LOG_TAIL_LINES = 20
+SCHEMA_VERSION = 1
+
+_MARK = {"succeeded": "✓", "failed": "✗", "timeout": "⏱ timeout", "skipped": "↷ skipped",
+         "cancelled": "⊘ cancelled", "planned": "· planned", "pending": "…"}
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{int(minutes)}m {rest:04.1f}s"
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}h {minutes:02d}m {rest:02.0f}s"
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> list[str]:
+    """Last lines of a log without reading a huge file whole."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return []
+    text = data.decode("utf-8", errors="replace").splitlines()
+    return [line for line in text if not line.startswith("=== ")][-lines:]
+
+
+def waves(result: RunResult) -> list[dict[str, Any]]:
+    out = []
+    for n, members in enumerate(result.spec.graph.waves(), start=1):
+        recs = [result.records[i] for i in members]
+        starts = [r.start_s for r in recs if r.start_s is not None]
+        ends = [r.end_s for r in recs if r.end_s is not None]
+        start = min(starts) if starts else None
+        end = max(ends) if ends else None
+        out.append({
+            "wave": n,
+            "tasks": [r.id for r in recs],
+            "start_s": _round(start),
+            "end_s": _round(end),
+            "duration_s": _round(end - start) if start is not None and end is not None else None,
+            "status": _wave_status(recs),
+        })
+    return out
+
+
+def _wave_status(recs: Iterable[TaskRecord]) -> str:
+    statuses = {r.status for r in recs}
+    if statuses <= {"succeeded"}:
+        return "succeeded"
+    if statuses <= {"planned"}:
+        return "planned"
+    if statuses & {"failed", "timeout"}:
+        return "failed"
+    if "cancelled" in statuses:
+        return "cancelled"
+    return "partial"
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def to_json(result: RunResult) -> dict[str, Any]:
+    spec = result.spec
+    tasks = []
+    for r in result.records:
+        entry: dict[str, Any] = {
+            "id": r.id,
+            "agent": r.agent,
+            "status": r.status,
+            "attempts": r.attempts,
+            "wave": r.wave,
+            "start_s": _round(r.start_s),
+            "end_s": _round(r.end_s),
+            "duration_s": _round(r.busy_s) if r.start_s is not None else None,
+            "output": r.output,
+            "output_path": str(r.output_path),
+            "log_path": str(r.log_path),
+            "exit_code": r.exit_code,
+            "error": r.error,
+            "reason": r.reason,
+            "log_tail": log_tail(r.log_path) if r.status in ("failed", "timeout") else [],
+        }
+        entry.update({k: v for k, v in r.metrics.items()})
+        tasks.append(entry)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": spec.name,
+        "description": spec.description,
+        "task_file": spec.display,
+        "run_id": result.run_id,
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "status": result.status,
+        "dry_run": result.dry_run,
+        "settings": spec.settings.to_json(),
+        "summary": {
+            "total": len(result.records),
+            "succeeded": result.count("succeeded"),
+            "failed": result.count("failed"),
+            "timed_out": result.count("timeout"),
+            "skipped": result.count("skipped"),
+            "cancelled": result.count("cancelled"),
+            "total_time_s": round(result.wall_s, 3),
+            "work_time_s": round(result.work_s, 3),
+            "parallel_efficiency": round(result.efficiency, 4),
+        },
+        "critical_path": result.critical_path,
+        "waves": waves(result),
+        "tasks": tasks,
+    }
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
+    data = data or to_json(result)
+    s = data["summary"]
+    root = result.spec.root
+    lines = ["# Parallel Dispatch Report", ""]
+    if result.spec.name:
+        lines += [f"**{result.spec.name}**" + (f" — {result.spec.description}"
+                                              if result.spec.description else ""), ""]
+    lines += [
+        "## Summary",
+        f"- **Total Tasks**: {s['total']}",
+        f"- **Succeeded**: {s['succeeded']}",
+        f"- **Failed**: {s['failed']}",
+        f"- **Total Time**: {fmt_duration(s['total_time_s'])}",
+        f"- **Parallel Efficiency**: {round(100 * s['parallel_efficiency'])}%",
+        f"- **Timed out**: {s['timed_out']}",
+        f"- **Skipped**: {s['skipped']}",
+        f"- **Cancelled**: {s['cancelled']}",
+        f"- **Status**: {data['status']}" + (" (dry run)" if data["dry_run"] else ""),
+        f"- **Run**: `{data['run_id']}` · max_parallel {data['settings']['max_parallel']} · "
+        f"on_failure {data['settings']['on_failure']}",
+        "",
+        "## Execution Timeline",
+        "",
+        "| Wave | Tasks | Duration | Status |",
+        "|------|-------|----------|--------|",
+    ]
+    for w in data["waves"]:
+        mark = {"succeeded": "✓", "failed": "✗", "planned": "·"}.get(w["status"], w["status"])
+        lines.append(f"| {w['wave']} | {', '.join(w['tasks'])} | "
+                     f"{fmt_duration(w['duration_s'])} | {mark} |")
+    if data["critical_path"]:
+        lines += ["", f"Critical path: {' → '.join(data['critical_path'])}"]
+    lines += [
+        "",
+        "## Task Details",
+        "",
+        "| Task | Agent | Duration | Status | Attempts | Output |",
+        "|------|-------|----------|--------|----------|--------|",
+    ]
+    for t in data["tasks"]:
+        lines.append(f"| {t['id']} | {t['agent']} | {fmt_duration(t['duration_s'])} | "
+                     f"{_MARK.get(t['status'], t['status'])} | {t['attempts']} | {t['output']} |")
+    problems = [t for t in data["tasks"] if t["status"] not in ("succeeded", "planned")]
+    if problems:
+        lines += ["", "## Problems", ""]
+        for t in problems:
+            why = t["reason"] or t["error"] or t["status"]
+            lines.append(f"### {t['id']} — {t['status']}")
+            lines.append("")
+            lines.append(_md_escape_line(why))
+            if t["log_tail"]:
+                lines += ["", f"Last lines of `{_rel(Path(t['log_path']), root)}`:", "",
+                          "```text", *t["log_tail"], "```"]
+            lines.append("")
+    lines += ["", "## Outputs"]
+    outs = [t for t in data["tasks"] if t["status"] == "succeeded"]
+    for t in outs:
+        lines.append(f"- {_rel(Path(t['output_path']), root)}" + ("/" if t["output"].endswith("/")
+                                                                  else ""))
+    if not outs:
+        lines.append("- (none)")
+    gantt = _gantt(data)
+    if gantt:
+        lines += ["", "## Timeline chart", "", *gantt]
+    return "\n".join(lines) + "\n"
+
+
+def _md_escape_line(text: str) -> str:
+    return text.replace("\n", " ").strip()
+
+
+def _gantt(data: dict[str, Any]) -> list[str]:
+    rows = [t for t in data["tasks"] if t["start_s"] is not None and t["end_s"] is not None]
+    if not rows:
+        return []
+    out = ["```mermaid", "gantt", "    title Dispatch timeline (seconds from start)",
+           "    dateFormat x", "    axisFormat %M:%S"]
+    by_wave: dict[int, list[dict[str, Any]]] = {}
+    for t in rows:
+        by_wave.setdefault(t["wave"], []).append(t)
+    tag = {"succeeded": "done", "failed": "crit", "timeout": "crit", "cancelled": "crit"}
+    for wave in sorted(by_wave):
+        out.append(f"    section Wave {wave}")
+        for t in by_wave[wave]:
+            start = int(t["start_s"] * 1000)
+            end = max(start + 1, int(t["end_s"] * 1000))
+            status = tag.get(t["status"], "active")
+            out.append(f"    {t['id']} :{status}, {start}, {end}")
+    out.append("```")
+    return out
+
+
+def write_reports(result: RunResult) -> tuple[Path, Path]:
+    """Write both reports atomically into the output dir; returns their paths."""
+    out_dir = result.spec.settings.output_dir
+    data = to_json(result)
+    result.report = data
+    md_path = out_dir / REPORT_MD
+    json_path = out_dir / REPORT_JSON
+    write_text(json_path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_text(md_path, to_markdown(result, data))
+    result.report_md_path, result.report_json_path = md_path, json_path
+    return md_path, json_path

@@ -1,0 +1,78 @@
+"""Run state: what happened to each task, kept separate from how it is shown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .spec import DispatchSpec
+
+FINAL = ("succeeded", "failed", "timeout", "skipped", "cancelled", "planned")
+
+
+@dataclass
+class TaskRecord:
+    id: str
+    agent: str
+    wave: int
+    output: str
+    output_path: Path
+    log_path: Path
+    status: str = "pending"
+    attempts: int = 0
+    start_s: float | None = None
+    end_s: float | None = None
+    busy_s: float = 0.0
+    """Time spent inside attempts, excluding retry backoff: what a slot was used for."""
+    exit_code: int | None = None
+    error: str | None = None
+    reason: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("succeeded", "planned")
+
+
+@dataclass
+class RunResult:
+    spec: DispatchSpec
+    run_id: str
+    started_at: str
+    finished_at: str = ""
+    wall_s: float = 0.0
+    records: list[TaskRecord] = field(default_factory=list)
+    critical_path: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    dry_run: bool = False
+    plan_lines: list[str] = field(default_factory=list)
+    report_md_path: Path | None = None
+    report_json_path: Path | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.records if r.status == status)
+
+    @property
+    def status(self) -> str:
+        if self.interrupted:
+            return "interrupted"
+        return "succeeded" if all(r.ok for r in self.records) else "failed"
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 0 if self.status == "succeeded" else 1
+
+    @property
+    def work_s(self) -> float:
+        return sum(r.busy_s for r in self.records)
+
+    @property
+    def efficiency(self) -> float:
+        slots = self.spec.settings.max_parallel
+        if self.wall_s <= 0 or slots <= 0:
+            return 0.0
+        return min(1.0, self.work_s / (self.wall_s * slots))

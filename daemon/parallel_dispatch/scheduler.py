@@ -1,0 +1,232 @@
+"""Starts jobs and records their results (ninja's `Builder`).
+
+All attempts of a run live in one trio nursery.  The loop starts the most
+urgent ready task whenever a slot is free, so there is no barrier between
+waves.  Each attempt gets its deadline as a cancel scope opened right where the
+timeout is decided; `stop` and interrupts cancel the per-attempt scopes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import trio
+
+from .plan import Plan
+from .progress import NullProgress, Progress
+from .result import RunResult, TaskRecord
+from .runners.base import Job, Outcome, Runner
+from .spec import DispatchSpec
+
+
+@dataclass
+class _Finished:
+    index: int
+    attempt: int
+    status: str
+    outcome: Outcome | None
+    start: float
+    end: float
+
+
+@dataclass
+class _RetryDue:
+    index: int
+
+
+class Scheduler:
+    """Runs one `DispatchSpec` to completion with a `Runner`."""
+
+    def __init__(
+        self,
+        spec: DispatchSpec,
+        runner: Runner,
+        result: RunResult,
+        *,
+        progress: Progress | None = None,
+        durations: Mapping[str, float] | None = None,
+        rng: random.Random | None = None,
+        on_task_done: Callable[[TaskRecord], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.runner = runner
+        self.result = result
+        self.records = result.records
+        self.progress = progress or NullProgress()
+        self.rng = rng or random.Random()
+        self.on_task_done = on_task_done
+        self.plan = Plan.with_weights(spec.graph, _weights(spec, durations or {}))
+        self.result.critical_path = [
+            spec.graph.ids[i] for i in spec.graph.critical_path(_weights(spec, durations or {}))]
+        self._scopes: dict[int, trio.CancelScope] = {}
+        self._backoffs: dict[int, trio.CancelScope] = {}
+        self._stopping: str | None = None
+        self._t0 = 0.0
+
+    # -- public control -----------------------------------------------------------
+    def interrupt(self, why: str = "run interrupted") -> None:
+        """Cancel running attempts and start nothing more (Ctrl-C, SIGTERM, file changed)."""
+        self.result.interrupted = True
+        self._stop(why)
+
+    def _stop(self, why: str) -> None:
+        if self._stopping is None:
+            self._stopping = why
+        for scope in [*self._scopes.values(), *self._backoffs.values()]:
+            scope.cancel()
+
+    # -- the loop -------------------------------------------------------------------
+    async def run(self) -> RunResult:
+        send, recv = trio.open_memory_channel[_Finished | _RetryDue](math.inf)
+        self._t0 = trio.current_time()
+        running = 0
+        async with trio.open_nursery() as nursery:
+            while True:
+                while (self._stopping is None and running < self.spec.settings.max_parallel
+                       and self.plan.has_ready()):
+                    i = self.plan.pop_ready()
+                    running += 1
+                    nursery.start_soon(self._attempt, i, send)
+                if running == 0 and not self._backoffs:
+                    break
+                msg = await recv.receive()
+                if isinstance(msg, _RetryDue):
+                    self._backoffs.pop(msg.index, None)
+                    if self._stopping is None:
+                        self.plan.requeue(msg.index)
+                    else:
+                        self._finish_record(msg.index)
+                    continue
+                running -= 1
+                self._handle(msg, nursery, send)
+        self._close_leftovers()
+        self.result.wall_s = trio.current_time() - self._t0
+        return self.result
+
+    async def _attempt(self, i: int, send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
+        rec = self.records[i]
+        rec.attempts += 1
+        job = Job(self.spec, i, rec.attempts, self.result.run_id)
+        start = self._now()
+        if rec.start_s is None:
+            rec.start_s = start
+        rec.status = "running"
+        self.progress.task_started(rec, self.runner.describe(job))
+        outcome: Outcome | None = None
+        with trio.CancelScope() as stop_scope:
+            self._scopes[i] = stop_scope
+            with trio.move_on_after(self.spec.timeout_s(i)) as deadline:
+                try:
+                    outcome = await self.runner.run(job)
+                except Exception as exc:  # a runner bug must not take the run down
+                    outcome = Outcome(ok=False, error=f"runner error: {exc!r}", retryable=False)
+        self._scopes.pop(i, None)
+        if deadline.cancelled_caught:
+            status = "timeout"
+        elif stop_scope.cancelled_caught or outcome is None:
+            status = "cancelled"
+        else:
+            status = "succeeded" if outcome.ok else "failed"
+        send.send_nowait(_Finished(i, rec.attempts, status, outcome, start, self._now()))
+
+    def _handle(self, msg: _Finished, nursery: trio.Nursery,
+                send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
+        i = msg.index
+        rec = self.records[i]
+        rec.end_s = msg.end
+        rec.busy_s += msg.end - msg.start
+        out = msg.outcome
+        if out is not None:
+            rec.exit_code = out.exit_code
+            rec.error = out.error
+            for key, value in out.metrics.items():
+                if isinstance(value, int | float) and key in rec.metrics:
+                    rec.metrics[key] += value
+                else:
+                    rec.metrics[key] = value
+        if msg.status == "timeout":
+            rec.exit_code = None
+            rec.error = (f"timed out after {self.spec.timeout_s(i):g}s; "
+                         "the agent's process group was killed")
+        if msg.status == "cancelled":
+            rec.error = f"cancelled: {self._stopping or 'run stopped'}"
+        if msg.status == "succeeded":
+            rec.status = "succeeded"
+            rec.error = None
+            self.plan.succeeded(i)
+            self._done(rec)
+            return
+        retryable = msg.status == "timeout" or (out is not None and out.retryable)
+        if (msg.status in ("failed", "timeout") and retryable and self._stopping is None
+                and rec.attempts < self.spec.max_attempts(i)):
+            rec.status = msg.status
+            delay = self._backoff(i, rec.attempts)
+            self.progress.task_retrying(rec, delay)
+            scope = trio.CancelScope()
+            self._backoffs[i] = scope
+            nursery.start_soon(self._sleep_then_retry, i, delay, scope, send)
+            return
+        rec.status = msg.status
+        self._done(rec)
+        self._fail(i, rec)
+
+    def _fail(self, i: int, rec: TaskRecord) -> None:
+        if rec.status == "cancelled":
+            return
+        if self.spec.settings.on_failure == "stop" and self._stopping is None:
+            self._stop(f"on_failure is 'stop' and task '{rec.id}' {_verb(rec.status)}")
+            return
+        for d in self.plan.failed(i):
+            dep = self.records[d]
+            dep.status = "skipped"
+            dep.reason = f"dependency '{rec.id}' {_verb(rec.status)}"
+            self._done(dep)
+
+    def _backoff(self, i: int, attempt: int) -> float:
+        """Exponential backoff with full jitter on top: base·2^(n-1) · [1, 2)."""
+        base = self.spec.settings.retry_backoff * (2 ** (attempt - 1))
+        return base * (1 + self.rng.random())
+
+    async def _sleep_then_retry(self, i: int, delay: float, scope: trio.CancelScope,
+                                send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
+        with scope:
+            await trio.sleep(delay)
+        send.send_nowait(_RetryDue(i))
+
+    def _finish_record(self, i: int) -> None:
+        """A task whose retry was pending when the run stopped keeps its last failure."""
+        rec = self.records[i]
+        self.plan.failed(i)
+        self._done(rec)
+
+    def _close_leftovers(self) -> None:
+        why = self._stopping or "not reached"
+        for i in self.plan.drain():
+            rec = self.records[i]
+            if rec.status in ("pending", "running"):
+                rec.status = "skipped"
+                rec.reason = f"not started: {why}"
+                self._done(rec)
+
+    def _done(self, rec: TaskRecord) -> None:
+        self.progress.task_finished(rec)
+        if self.on_task_done is not None:
+            self.on_task_done(rec)
+
+    def _now(self) -> float:
+        return trio.current_time() - self._t0
+
+
+def _verb(status: str) -> str:
+    return {"timeout": "timed out", "failed": "failed", "cancelled": "was cancelled",
+            "skipped": "was skipped"}.get(status, status)
+
+
+def _weights(spec: DispatchSpec, durations: Mapping[str, float]) -> list[float]:
+    """Recorded durations where known; the mean of those (or 1) elsewhere."""
+    known = [durations[t] for t in spec.graph.ids if t in durations]
+    default = (sum(known) / len(known)) if known else 1.0
+    return [durations.get(t, default) for t in spec.graph.ids]
