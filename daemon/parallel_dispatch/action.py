@@ -25,6 +25,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 FAIL_ON = ("failure", "never")
 LOG_TAIL_BYTES = 256 * 1024
 ANNOTATION_LOG_LINES = 20
+ANNOTATION_LINE_CHARS = 300  # annotations are for a glance; the group has the full log
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,10 @@ def _counts(report: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
+def _clip(line: str, limit: int = ANNOTATION_LINE_CHARS) -> str:
+    return line if len(line) <= limit else line[:limit] + " …"
+
+
 def _annotate(report: Mapping[str, Any]) -> None:
     for task in report.get("tasks", []):
         status = task.get("status")
@@ -168,7 +173,7 @@ def _annotate(report: Mapping[str, Any]) -> None:
             continue
         verb = "timed out" if status == "timeout" else "failed"
         lines = [str(task.get("error") or f"exit code {task.get('exit_code')}")]
-        tail = [str(x) for x in task.get("log_tail") or []][-ANNOTATION_LOG_LINES:]
+        tail = [_clip(str(x)) for x in task.get("log_tail") or []][-ANNOTATION_LOG_LINES:]
         if tail:
             lines += ["", "Last log lines:", *tail]
         wc.error("\n".join(lines), title=f"Task {task.get('id')} {verb} ({task.get('agent')})")
@@ -203,7 +208,7 @@ def _write_summary(markdown: str, report_path: str | None) -> None:
     room = wc.SUMMARY_LIMIT_BYTES - wc.summary_size()
     where = f"`{report_path}`" if report_path else "the report file"
     note = (
-        f"\n\n> ✂️ **Truncated** to fit GitHub's 1 MiB step-summary limit. Full report: {where}.\n"
+        f"\n\n> ✂️ **Truncated** to fit GitHub's 1 MiB step-summary limit. Full report: {where}.\n\n"
     )
     fitted = gh.fit_markdown(markdown, room - 1, note, lambda t: len(t.encode("utf-8")))
     wc.append_summary(fitted)
@@ -261,7 +266,9 @@ def _finish(inputs: Inputs, ctx: GitHubContext, markdown: str, outputs: dict[str
 
 
 def _dispatch(inputs: Inputs) -> Any:
+    """Run the core; SIGTERM (a cancelled workflow) still leaves a partial report."""
     from .api import dispatch  # the core; imported late so `--help` stays light
+    from .progress import PlainProgress
 
     return dispatch(
         inputs.task_file,
@@ -270,6 +277,8 @@ def _dispatch(inputs: Inputs) -> Any:
         output_dir=inputs.output_dir,
         on_failure=inputs.on_failure,
         config_path=inputs.config,
+        progress=PlainProgress(sys.stdout),  # stdout: keeps lines in order with the groups
+        handle_signals=True,
     )
 
 

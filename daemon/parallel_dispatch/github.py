@@ -188,7 +188,7 @@ def build_comment_body(
         + (f" · [workflow run]({run_url})" if run_url else "")
         + "</sub>\n"
     )
-    note = f"\n\n> ✂️ **Truncated** to fit a GitHub comment. The full report is in the {link}.\n"
+    note = f"\n\n> ✂️ **Truncated** to fit a GitHub comment. The full report is in the {link}.\n\n"
     # GitHub counts characters; UTF-16 units are never fewer, so they are the safe measure.
     measure = _utf16_len
     budget = limit - measure(head) - measure(foot)

@@ -91,8 +91,8 @@ class _Checker:
         if isinstance(data, dict) and isinstance(data.get("tasks"), list):
             self.raw_tasks = data["tasks"]
 
-    def add(self, loc: tuple[str | int, ...], message: str) -> None:
-        pos = self.doc.positions.of(loc)
+    def add(self, loc: tuple[str | int, ...], message: str, key: bool = False) -> None:
+        pos = self.doc.positions.of(loc, key=key)
         line, col = pos if pos else (None, None)
         self.diagnostics.append(Diagnostic(self.doc.file, line, col, message, self.task_id(loc)))
 
@@ -116,7 +116,7 @@ class _Checker:
         except ValidationError as exc:
             for err in exc.errors():
                 loc = tuple(err["loc"])
-                self.add(loc, self._message(err, loc))
+                self.add(loc, self._message(err, loc), key=err["type"] == "extra_forbidden")
             return None
 
     def _message(self, err: Any, loc: tuple[str | int, ...]) -> str:

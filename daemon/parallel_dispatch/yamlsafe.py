@@ -27,7 +27,11 @@ MAX_FILE_BYTES = 32 * 1024 * 1024
 """Task files beyond this are refused before reading (a 50,000-task file is ~6 MB)."""
 
 MAX_NODES = 5_000_000
-"""Expanded node budget; a "billion laughs" document hits it in milliseconds."""
+"""Total value budget, a backstop against absurdly large documents."""
+
+MAX_ALIAS_NODES = 100_000
+"""Values reached a second time through aliases: shared prompts need a few, while a
+"billion laughs" document needs billions and hits this within a fraction of a second."""
 
 Path_ = tuple[str | int, ...]
 
@@ -48,14 +52,15 @@ class Positions:
     values: dict[Path_, tuple[int, int]] = field(default_factory=dict)
     keys: dict[Path_, tuple[int, int]] = field(default_factory=dict)
 
-    def of(self, path: Path_) -> tuple[int, int] | None:
-        """Position of the deepest known prefix of `path` (keys win for a missing value)."""
+    def of(self, path: Path_, key: bool = False) -> tuple[int, int] | None:
+        """Position of `path` (its key if `key`), else of its deepest known ancestor."""
         p = tuple(path)
+        first, second = (self.keys, self.values) if key else (self.values, self.keys)
         while p:
-            if p in self.keys:
-                return self.keys[p]
-            if p in self.values:
-                return self.values[p]
+            if p in first:
+                return first[p]
+            if p in second:
+                return second[p]
             p = p[:-1]
         return self.values.get((), None)
 
@@ -72,6 +77,8 @@ class _Builder:
         self.file = file
         self.positions = Positions()
         self.nodes = 0
+        self.visited: set[int] = set()
+        self.alias_nodes = 0
         self.errors: list[Diagnostic] = []
         self._constructor = yaml.SafeLoader("")
 
@@ -84,11 +91,16 @@ class _Builder:
 
     def build(self, node: yaml.Node, path: Path_) -> Any:
         self.nodes += 1
-        if self.nodes > MAX_NODES:
+        if id(node) in self.visited:
+            self.alias_nodes += 1
+        else:
+            self.visited.add(id(node))
+        if self.nodes > MAX_NODES or self.alias_nodes > MAX_ALIAS_NODES:
             line, col = self._pos(node)
             raise TaskFileError([Diagnostic(
                 self.file, line, col,
-                f"document expands to more than {MAX_NODES:,} values (an alias bomb?); "
+                f"document expands to more than {MAX_NODES:,} values, or more than "
+                f"{MAX_ALIAS_NODES:,} through aliases (an alias bomb?); "
                 "remove the deeply nested anchors/aliases",
             )])
         self.positions.values[path] = self._pos(node)
