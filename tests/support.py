@@ -51,10 +51,13 @@ class Project:
             if e["event"] == "start":
                 start[str(e["task"])] = float(e["t"])  # type: ignore[arg-type]
             elif e["event"] == "end":
-                out[str(e["task"])] = (start[str(e["task"])], float(e["t"]))  # type: ignore[arg-type]
+                task = str(e["task"])
+                out[task] = (start[task], float(e["t"]))  # type: ignore[arg-type]
         return out
 
-    def run(self, *args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, timeout: float = 120, **kw: object
+    ) -> subprocess.CompletedProcess[str]:
         """Run the CLI as a real subprocess in the project root."""
         return subprocess.run(
             [sys.executable, "-m", "parallel_dispatch", *args], cwd=self.root, text=True,
