@@ -104,7 +104,7 @@ def stub() -> Iterator[GitHubStub]:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
+def workdir(tmp_path: Path) -> Path:
     (tmp_path / ".aiwg").mkdir()
     (tmp_path / "tasks.yml").write_text(GOOD)
     (tmp_path / "other.yml").write_text(GOOD.replace("out/", "out-other/"))
@@ -118,7 +118,7 @@ def project(tmp_path: Path) -> Path:
 
 
 def run_action(
-    project: Path,
+    workdir: Path,
     stub: GitHubStub,
     *args: str,
     token: str = "installation-token",
@@ -126,7 +126,7 @@ def run_action(
     **inputs: str,
 ) -> Run:
     """Run the command like the runner would: INPUT_* and GITHUB_* in the environment."""
-    out_file, summary_file = project / "github_output", project / "step_summary"
+    out_file, summary_file = workdir / "github_output", workdir / "step_summary"
     for f in (out_file, summary_file):
         f.write_text("")
     env = {
@@ -140,7 +140,7 @@ def run_action(
             "GITHUB_OUTPUT": str(out_file),
             "GITHUB_STEP_SUMMARY": str(summary_file),
             "GITHUB_EVENT_NAME": event,
-            "GITHUB_EVENT_PATH": str(project / ("push.json" if event == "push" else "event.json")),
+            "GITHUB_EVENT_PATH": str(workdir / ("push.json" if event == "push" else "event.json")),
             "GITHUB_REPOSITORY": REPO,
             "GITHUB_API_URL": stub.api_url,
             "GITHUB_SERVER_URL": stub.host,
@@ -154,7 +154,7 @@ def run_action(
     env.update({f"INPUT_{k.upper().replace('_', '-')}": v for k, v in inputs.items()})
     proc = subprocess.run(
         [sys.executable, "-m", "parallel_dispatch", "action", *args],
-        cwd=project,
+        cwd=workdir,
         env=env,
         capture_output=True,
         text=True,
@@ -193,10 +193,10 @@ def live_lines(stdout: str) -> list[str]:
     return live
 
 
-def test_two_runs_on_a_pr_leave_one_updated_comment(project: Path, stub: GitHubStub) -> None:
-    first = run_action(project, stub)
+def test_two_runs_on_a_pr_leave_one_updated_comment(workdir: Path, stub: GitHubStub) -> None:
+    first = run_action(workdir, stub)
     assert first.code == 0, first.stdout + first.stderr
-    second = run_action(project, stub)
+    second = run_action(workdir, stub)
     assert second.code == 0, second.stdout + second.stderr
 
     [comment] = stub.comments(PR)
@@ -211,8 +211,8 @@ def test_two_runs_on_a_pr_leave_one_updated_comment(project: Path, stub: GitHubS
     assert "PR comment updated" in second.stdout
 
 
-def test_outputs_and_step_summary(project: Path, stub: GitHubStub) -> None:
-    run = run_action(project, stub)
+def test_outputs_and_step_summary(workdir: Path, stub: GitHubStub) -> None:
+    run = run_action(workdir, stub)
     assert run.code == 0, run.stdout + run.stderr
     o = run.outputs
     assert (o["status"], o["succeeded"], o["failed"], o["skipped"]) == ("succeeded", "1", "0", "0")
@@ -226,10 +226,10 @@ def test_outputs_and_step_summary(project: Path, stub: GitHubStub) -> None:
     assert "::group::hello: succeeded" in run.stdout and "::endgroup::" in run.stdout
 
 
-def test_second_task_file_gets_its_own_comment(project: Path, stub: GitHubStub) -> None:
-    assert run_action(project, stub).code == 0
-    assert run_action(project, stub, "--task-file", "other.yml").code == 0
-    assert run_action(project, stub).code == 0
+def test_second_task_file_gets_its_own_comment(workdir: Path, stub: GitHubStub) -> None:
+    assert run_action(workdir, stub).code == 0
+    assert run_action(workdir, stub, "--task-file", "other.yml").code == 0
+    assert run_action(workdir, stub).code == 0
     markers = sorted(c.body.split("\n", 1)[0] for c in stub.comments(PR))
     assert markers == [
         "<!-- parallel-dispatch:other.yml -->",
@@ -237,22 +237,22 @@ def test_second_task_file_gets_its_own_comment(project: Path, stub: GitHubStub) 
     ]
 
 
-def test_another_users_marker_comment_is_untouched(project: Path, stub: GitHubStub) -> None:
+def test_another_users_marker_comment_is_untouched(workdir: Path, stub: GitHubStub) -> None:
     decoy_body = "<!-- parallel-dispatch:tasks.yml -->\nnot yours"
     decoy = stub.add_comment(PR, decoy_body, "mallory")
     for i in range(120):  # and push the real one past the first page on the second run
         stub.add_comment(PR, f"chatter {i}", "someone")
-    assert run_action(project, stub).code == 0
+    assert run_action(workdir, stub).code == 0
     for i in range(120):
         stub.add_comment(PR, f"more chatter {i}", "someone")
-    assert run_action(project, stub).code == 0
+    assert run_action(workdir, stub).code == 0
     assert decoy.body == decoy_body and decoy.edits == 0
     ours = [c for c in stub.comments(PR) if c.login == BOT_LOGIN]
     assert len(ours) == 1 and ours[0].edits == 1
 
 
-def test_failed_tasks_annotate_and_fail_the_step(project: Path, stub: GitHubStub) -> None:
-    run = run_action(project, stub, task_file="failing.yml")
+def test_failed_tasks_annotate_and_fail_the_step(workdir: Path, stub: GitHubStub) -> None:
+    run = run_action(workdir, stub, task_file="failing.yml")
     assert run.code == 1
     o = run.outputs
     assert (o["status"], o["succeeded"], o["failed"], o["skipped"]) == ("failed", "1", "1", "1")
@@ -266,8 +266,8 @@ def test_failed_tasks_annotate_and_fail_the_step(project: Path, stub: GitHubStub
     assert stub.comments(PR)  # a failure is still reported on the PR
 
 
-def test_oversized_report_is_truncated_in_the_comment(project: Path, stub: GitHubStub) -> None:
-    run = run_action(project, stub, task_file="noisy.yml")
+def test_oversized_report_is_truncated_in_the_comment(workdir: Path, stub: GitHubStub) -> None:
+    run = run_action(workdir, stub, task_file="noisy.yml")
     assert run.code == 1, run.stdout + run.stderr
     report_md = Path(run.outputs["report"]).read_text()
     assert len(report_md) > MAX_BODY  # the stand-in would answer 422 to this
@@ -279,15 +279,15 @@ def test_oversized_report_is_truncated_in_the_comment(project: Path, stub: GitHu
     assert not commands(run.stdout, "warning")
 
 
-def test_fail_on_never_keeps_the_step_green(project: Path, stub: GitHubStub) -> None:
-    run = run_action(project, stub, task_file="failing.yml", fail_on="never")
+def test_fail_on_never_keeps_the_step_green(workdir: Path, stub: GitHubStub) -> None:
+    run = run_action(workdir, stub, task_file="failing.yml", fail_on="never")
     assert run.code == 0
     assert run.outputs["status"] == "failed"
     assert commands(run.stdout, "error")  # still annotated
 
 
-def test_read_only_token_warns_and_passes(project: Path, stub: GitHubStub) -> None:
-    run = run_action(project, stub, token="read-only-token")
+def test_read_only_token_warns_and_passes(workdir: Path, stub: GitHubStub) -> None:
+    run = run_action(workdir, stub, token="read-only-token")
     assert run.code == 0, run.stdout + run.stderr
     [(_, message)] = commands(run.stdout, "warning")
     assert "403" in message
@@ -296,24 +296,24 @@ def test_read_only_token_warns_and_passes(project: Path, stub: GitHubStub) -> No
     assert run.outputs["status"] == "succeeded"
 
 
-def test_push_event_writes_summary_but_no_comment(project: Path, stub: GitHubStub) -> None:
-    run = run_action(project, stub, event="push")
+def test_push_event_writes_summary_but_no_comment(workdir: Path, stub: GitHubStub) -> None:
+    run = run_action(workdir, stub, event="push")
     assert run.code == 0
     assert run.summary.strip()
     assert stub.requests() == []
     assert run.outputs["comment-url"] == ""
 
 
-def test_comment_off_and_personal_token(project: Path, stub: GitHubStub) -> None:
-    assert run_action(project, stub, comment="off").code == 0
+def test_comment_off_and_personal_token(workdir: Path, stub: GitHubStub) -> None:
+    assert run_action(workdir, stub, comment="off").code == 0
     assert stub.requests() == []
-    assert run_action(project, stub, token="pat-token", comment="new").code == 0
-    assert run_action(project, stub, token="pat-token", comment="new").code == 0
+    assert run_action(workdir, stub, token="pat-token", comment="new").code == 0
+    assert run_action(workdir, stub, token="pat-token", comment="new").code == 0
     assert [c.login for c in stub.comments(PR)] == ["octocat", "octocat"]
 
 
-def test_invalid_task_file_is_annotated_with_its_position(project: Path, stub: GitHubStub):
-    run = run_action(project, stub, task_file="invalid.yml")
+def test_invalid_task_file_is_annotated_with_its_position(workdir: Path, stub: GitHubStub):
+    run = run_action(workdir, stub, task_file="invalid.yml")
     assert run.code == 2
     errors = commands(run.stdout, "error")
     assert errors and all(
@@ -326,19 +326,41 @@ def test_invalid_task_file_is_annotated_with_its_position(project: Path, stub: G
     assert "invalid" in comment.body and "nope" in comment.body
 
 
-def test_flags_win_over_inputs_and_bad_inputs_exit_2(project: Path, stub: GitHubStub) -> None:
-    run = run_action(project, stub, "--comment", "off", comment="new")
+def test_flags_win_over_inputs_and_bad_inputs_exit_2(workdir: Path, stub: GitHubStub) -> None:
+    run = run_action(workdir, stub, "--comment", "off", comment="new")
     assert run.code == 0 and stub.requests() == []
-    bad = run_action(project, stub, max_parallel="lots")
+    bad = run_action(workdir, stub, max_parallel="lots")
     assert bad.code == 2
     [(_, message)] = commands(bad.stdout, "error")
     assert "max-parallel" in message
-    assert run_action(project, stub, fail_on="sometimes").code == 2
+    assert run_action(workdir, stub, fail_on="sometimes").code == 2
 
 
-def test_token_is_never_printed(project: Path, stub: GitHubStub) -> None:
-    run = run_action(project, stub, token="installation-token")
+def test_token_is_never_printed(workdir: Path, stub: GitHubStub) -> None:
+    run = run_action(workdir, stub, token="installation-token")
     text = run.stdout + run.stderr
     # the only place it may appear is the mask request, which the runner does not echo
     assert text.count("installation-token") == 1
     assert "::add-mask::installation-token" in run.stdout
+
+
+def test_summary_is_cut_by_section_when_the_file_is_nearly_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step-summary budget is what earlier steps left; long sections are cut, fences
+    closed, short sections kept."""
+    from parallel_dispatch import action, workflow_commands
+
+    summary = tmp_path / "summary"
+    summary.write_bytes(b"x" * (workflow_commands.SUMMARY_LIMIT_BYTES - 50_000))
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    logs = "".join(f"line {i} {'é' * 100}\n" for i in range(2_000))
+    report = (
+        f"# Report\n\n## Summary\n\nall here\n\n## Logs\n\n```text\n{logs}```\n\n## End\n\nok\n"
+    )
+    action._write_summary(report, "out/dispatch-report.md")
+    assert summary.stat().st_size <= workflow_commands.SUMMARY_LIMIT_BYTES
+    added = summary.read_bytes()[workflow_commands.SUMMARY_LIMIT_BYTES - 50_000 :].decode()
+    assert "## Summary\n\nall here" in added and "## End\n\nok" in added
+    assert "Truncated" in added and "`out/dispatch-report.md`" in added
+    assert added.count("```") == 2

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-try:
-    from parallel_dispatch import agentdefs
-except ModuleNotFoundError:  # not installed: test the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
-    from parallel_dispatch import agentdefs
-
+from parallel_dispatch import agentdefs
 from parallel_dispatch.agentdefs import AgentDefinitionError, fold, suggest
+from parallel_dispatch.errors import DispatchError
 
 
 def write(path: Path, text: str) -> Path:
@@ -302,8 +297,6 @@ def test_bad_files_do_not_hide_good_ones(project: Path, home: Path) -> None:
 
 
 def test_error_is_a_dispatch_error() -> None:
-    from parallel_dispatch.errors import DispatchError
-
     assert issubclass(AgentDefinitionError, DispatchError)
     error = AgentDefinitionError(Path("x.md"), None, "cannot read")
     assert str(error) == "x.md: error: cannot read"

@@ -83,7 +83,7 @@ def test_efficiency_formula_matches_the_reference() -> None:
 
     for d in (32.1, 28.4, 25.6, 13.1):
         r.records.append(TaskRecord(id="t", agent="a", wave=1, output="o",
-                                    output_path=Path("o"), log_path=Path("l"), busy_s=d))
+                                    spec=r.spec, index=0, busy_s=d))
     assert round(100 * r.efficiency) == 73
 
 

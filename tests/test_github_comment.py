@@ -249,3 +249,18 @@ def test_requests_go_to_the_enterprise_prefix(stub: GitHubStub) -> None:
     post(stub, "# ghes\n")
     assert stub.requests() and all(r.path.startswith("/api/v3/") for r in stub.requests())
     assert all(r.authorization == "token installation-token" for r in stub.requests())
+
+
+def test_fit_markdown_always_fits_and_never_leaves_a_fence_open() -> None:
+    import random
+
+    rnd = random.Random(5)
+    parts = ["# H\n", "## Sub\n", "```\n", "````py\n", "~~~\n", "é 😀 line\n", "x" * 200 + "\n"]
+    for _ in range(150):
+        text = "".join(rnd.choice(parts) for _ in range(rnd.randint(1, 100)))
+        for budget in (0, 40, 300, 2_000):
+            for measure in (len, lambda t: len(t.encode("utf-8"))):
+                out = gh.fit_markdown(text, budget, "\n[cut]\n", measure)
+                assert measure(out) <= budget or out == text
+                if out != text and gh._open_fence(text) is None:
+                    assert gh._open_fence(out) is None

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+WORKFLOWS = sorted(p for p in (ROOT / ".github" / "workflows").glob("*.y*ml"))
 
 
 def tool(name: str) -> str:

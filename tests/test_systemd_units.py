@@ -30,7 +30,7 @@ MAX_EXPOSURE = 2.5
 TIMEOUT_S = 120
 
 ANALYZE = shutil.which("systemd-analyze")
-pytestmark = pytest.mark.skipif(
+needs_analyze = pytest.mark.skipif(
     ANALYZE is None,
     reason="systemd-analyze is not installed (apt-get install systemd procps); CI installs it",
 )
@@ -117,6 +117,7 @@ def _analyze(tmp_path: Path, case: Case, *args: str) -> subprocess.CompletedProc
     )
 
 
+@needs_analyze
 def test_kill_for_execreload_is_installed() -> None:
     """verify resolves ExecReload's bare ``kill``; without it the verify tests fail."""
     assert any(
@@ -159,6 +160,7 @@ def test_template_uses_the_instance_as_project_directory() -> None:
     assert s["ReadWritePaths"] == ["%f"]
 
 
+@needs_analyze
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_verify_is_silent(tmp_path: Path, case: Case) -> None:
     unit_dir = _stage(tmp_path, case.unit_file)
@@ -168,6 +170,7 @@ def test_verify_is_silent(tmp_path: Path, case: Case) -> None:
     assert output == "", f"systemd-analyze verify printed:\n{output}"
 
 
+@needs_analyze
 def test_verify_check_catches_a_misspelt_directive(tmp_path: Path) -> None:
     """Guards the test above: verify must report the typo even though it exits 0."""
     text = (UNIT_DIR / PLAIN).read_text().replace("\nProtectSystem=", "\nProtectSytem=")
@@ -176,6 +179,7 @@ def test_verify_check_catches_a_misspelt_directive(tmp_path: Path) -> None:
     assert "ProtectSytem" in result.stdout + result.stderr
 
 
+@needs_analyze
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_security_exposure(tmp_path: Path, case: Case) -> None:
     unit_dir = _stage(tmp_path, case.unit_file)

@@ -252,6 +252,37 @@ def _invalid_markdown(task_file: str, exc: TaskFileError) -> str:
     )
 
 
+def _workspace_relative(path: str) -> str:
+    """Annotations attach to a file in the PR only by its repository-relative path."""
+    workspace = os.environ.get("GITHUB_WORKSPACE") or os.getcwd()
+    absolute = Path(workspace, path).resolve()
+    try:
+        return absolute.relative_to(Path(workspace).resolve()).as_posix()
+    except ValueError:
+        return path
+
+
+def _report_invalid(inputs: Inputs, ctx: GitHubContext, exc: TaskFileError) -> None:
+    """Nothing ran: annotate each error at its position, and say so everywhere."""
+    for d in exc.diagnostics:
+        file = _workspace_relative(d.file)
+        where = f"task {d.task_id}" if d.task_id else file
+        wc.error(
+            d.message, title=f"invalid task file ({where})", file=file, line=d.line, col=d.column
+        )
+    markdown = _invalid_markdown(inputs.task_file, exc)
+    wc.append_summary(markdown)
+    outputs = {
+        "status": "invalid",
+        "succeeded": "0",
+        "failed": "0",
+        "skipped": "0",
+        "report": "",
+        "report-json": "",
+    }
+    _finish(inputs, ctx, markdown, outputs)
+
+
 def _finish(inputs: Inputs, ctx: GitHubContext, markdown: str, outputs: dict[str, str]) -> bool:
     """Comment, then write outputs (they include the comment URL). False if commenting broke."""
     ok = True
@@ -297,25 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _dispatch(inputs)
     except TaskFileError as exc:
-        for d in exc.diagnostics:
-            wc.error(
-                d.message,
-                title=f"{d.file}: invalid task file",
-                file=d.file,
-                line=d.line,
-                col=d.column,
-            )
-        markdown = _invalid_markdown(inputs.task_file, exc)
-        wc.append_summary(markdown)
-        outputs = {
-            "status": "invalid",
-            "succeeded": "0",
-            "failed": "0",
-            "skipped": "0",
-            "report": "",
-            "report-json": "",
-        }
-        _finish(inputs, ctx, markdown, outputs)
+        _report_invalid(inputs, ctx, exc)
         return EXIT_USAGE
     except DispatchError as exc:
         wc.error(str(exc), title="parallel-dispatch")

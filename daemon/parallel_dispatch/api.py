@@ -46,11 +46,8 @@ def overrides_from(
 def new_result(spec: DispatchSpec, run_id: str | None = None, dry_run: bool = False) -> RunResult:
     levels = spec.graph.levels()
     records = [
-        TaskRecord(
-            id=t.id, agent=t.agent, wave=levels[i] + 1, output=t.output,
-            output_path=spec.output_path(i),
-            log_path=spec.settings.output_dir / "logs" / f"{t.id}.log",
-        )
+        TaskRecord(id=t.id, agent=t.agent, wave=levels[i] + 1, output=t.output, spec=spec,
+                   index=i)
         for i, t in enumerate(spec.tasks)
     ]
     return RunResult(spec=spec, run_id=run_id or new_run_id(), started_at=_now_iso(),

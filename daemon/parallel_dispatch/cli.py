@@ -8,6 +8,7 @@ Exit codes: 0 all tasks succeeded, 1 a task failed/timed out/was skipped,
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -138,6 +139,7 @@ def _run(args: argparse.Namespace) -> int:
         max_parallel=args.max_parallel, timeout_ms=args.timeout, output_dir=args.output,
         on_failure=args.on_failure))
     progress = for_stream(sys.stderr, quiet=args.quiet)
+    gc.freeze()  # the spec lives as long as the process: keep the collector off it
     if args.dry_run:
         from .runners import CommandRunner
 

@@ -126,18 +126,23 @@ def _sections(text: str) -> list[str]:
 def _cut(section: str, cap: int, note: str, measure: Callable[[str], int]) -> str:
     """The head of `section` plus `note`, with any open code fence closed, within `cap`."""
     room = cap - measure(note)
-    lo, hi = 0, len(section)
-    while lo < hi:  # longest prefix whose closed form fits in `room`
-        mid = (lo + hi + 1) // 2
-        if measure(_closed(section[:mid])) <= room:
-            lo = mid
-        else:
-            hi = mid - 1
-    head = section[:lo]
-    newline = head.rfind("\n")
-    if newline > 0:
-        head = head[: newline + 1]
-    return _closed(head) + note
+    for _ in range(8):  # backing up to a line end can reopen a fence: then aim lower
+        lo, hi = 0, len(section)
+        while lo < hi:  # longest prefix whose closed form fits in `room`
+            mid = (lo + hi + 1) // 2
+            if measure(_closed(section[:mid])) <= room:
+                lo = mid
+            else:
+                hi = mid - 1
+        head = section[:lo]
+        newline = head.rfind("\n")
+        if newline > 0:
+            head = head[: newline + 1]
+        cut = _closed(head) + note
+        if measure(cut) <= cap:
+            return cut
+        room -= measure(cut) - cap
+    return note if measure(note) <= cap else ""
 
 
 def _closed(head: str) -> str:

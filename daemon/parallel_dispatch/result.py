@@ -17,8 +17,8 @@ class TaskRecord:
     agent: str
     wave: int
     output: str
-    output_path: Path
-    log_path: Path
+    spec: DispatchSpec = field(repr=False)
+    index: int
     status: str = "pending"
     attempts: int = 0
     start_s: float | None = None
@@ -29,6 +29,14 @@ class TaskRecord:
     error: str | None = None
     reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output_path(self) -> Path:
+        return self.spec.output_path(self.index)
+
+    @property
+    def log_path(self) -> Path:
+        return self.spec.log_path(self.index)
 
     @property
     def ok(self) -> bool:

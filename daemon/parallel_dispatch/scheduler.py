@@ -114,19 +114,20 @@ class Scheduler:
         if rec.start_s is None:
             rec.start_s = start
         rec.status = "running"
-        self.progress.task_started(rec, self.runner.describe(job))
+        self.progress.task_started(rec)
         outcome: Outcome | None = None
-        with trio.CancelScope() as stop_scope:
-            self._scopes[i] = stop_scope
-            with trio.move_on_after(self.spec.timeout_s(i)) as deadline:
-                try:
-                    outcome = await self.runner.run(job)
-                except Exception as exc:  # a runner bug must not take the run down
-                    outcome = Outcome(ok=False, error=f"runner error: {exc!r}", retryable=False)
+        # The deadline is decided here, so this is where its cancel scope opens.
+        # `_stop` cancels the same scope; `_stopped` tells the two causes apart.
+        with trio.move_on_after(self.spec.timeout_s(i)) as scope:
+            self._scopes[i] = scope
+            try:
+                outcome = await self.runner.run(job)
+            except Exception as exc:  # a runner bug must not take the run down
+                outcome = Outcome(ok=False, error=f"runner error: {exc!r}", retryable=False)
         self._scopes.pop(i, None)
-        if deadline.cancelled_caught:
+        if scope.cancelled_caught and self._stopping is None:
             status = "timeout"
-        elif stop_scope.cancelled_caught or outcome is None:
+        elif scope.cancelled_caught or outcome is None:
             status = "cancelled"
         else:
             status = "succeeded" if outcome.ok else "failed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .agents import AgentSpec
@@ -32,8 +33,31 @@ class DispatchSpec:
     def root(self) -> Path:
         return self.config.root
 
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.graph.ids)}
+
+    @cached_property
+    def _paths(self) -> dict[tuple[str, int], Path]:
+        return {}
+
+    def _path(self, kind: str, i: int) -> Path:
+        """Paths are built on demand: a 50,000-task plan should not build 100,000 of them."""
+        key = (kind, i)
+        path = self._paths.get(key)
+        if path is None:
+            base = str(self.settings.output_dir)
+            task = self.tasks[i]
+            rel = task.output.rstrip("/") if kind == "out" else f"logs/{task.id}.log"
+            path = self._paths[key] = Path(f"{base}/{rel}")
+        return path
+
+    def log_path(self, i: int) -> Path:
+        """The task's stderr log, appended to by every attempt of a run."""
+        return self._path("log", i)
+
     def index(self, task_id: str) -> int:
-        return self.graph.ids.index(task_id)
+        return self._index[task_id]
 
     def timeout_s(self, i: int) -> float:
         """A task's own `timeout` wins over every settings layer."""
@@ -54,7 +78,7 @@ class DispatchSpec:
 
     def output_path(self, i: int) -> Path:
         """Absolute final output path (a directory for `dir/` outputs)."""
-        return self.settings.output_dir / self.tasks[i].output.rstrip("/")
+        return self._path("out", i)
 
     def stdout_path(self, i: int) -> Path:
         """The file that receives stdout once the task succeeds."""

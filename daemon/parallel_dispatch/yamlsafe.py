@@ -1,10 +1,14 @@
-"""Safe YAML loading that remembers where every value came from.
+"""Safe YAML loading that can tell where every value came from.
 
-PyYAML's safe loader already refuses arbitrary objects, but it forgets
-positions and happily expands alias bombs.  We compose the node graph (aliases
-stay shared there), then build plain Python data ourselves: that lets us record
-`line:column` for every key and value, reject duplicate keys and foreign tags,
-and stop expansion after a fixed node budget instead of running out of memory.
+PyYAML's safe loader refuses arbitrary objects, but it forgets positions,
+ignores duplicate keys and happily hands back an alias bomb (shared lists
+that explode when walked).  We build plain data straight from libyaml's event
+stream instead: only standard tags are accepted, duplicate keys are errors,
+and aliases are charged their full expanded size against a budget, so a
+"billion laughs" document is refused after a few hundred events.
+
+Positions (1-based line, column) are only collected when someone asks for
+them, by a second pass: valid files, the common case, pay nothing for them.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
 
-try:  # libyaml is ~10x faster on large files; fall back to pure Python.
+try:  # libyaml's parser is ~10x faster on large files; fall back to pure Python.
     from yaml import CSafeLoader as _Loader
 except ImportError:  # pragma: no cover - depends on how PyYAML was built
     from yaml import SafeLoader as _Loader  # type: ignore[assignment]
@@ -27,22 +33,21 @@ MAX_FILE_BYTES = 32 * 1024 * 1024
 """Task files beyond this are refused before reading (a 50,000-task file is ~6 MB)."""
 
 MAX_NODES = 5_000_000
-"""Total value budget, a backstop against absurdly large documents."""
-
-MAX_ALIAS_NODES = 100_000
-"""Values reached a second time through aliases: shared prompts need a few, while a
-"billion laughs" document needs billions and hits this within a fraction of a second."""
+"""Total value budget, counting aliases at their expanded size.  A 50,000-task
+file has under a million values; a "billion laughs" document claims billions."""
 
 Path_ = tuple[str | int, ...]
 
-_SAFE_SCALAR_TAGS = {
-    "tag:yaml.org,2002:str",
-    "tag:yaml.org,2002:int",
-    "tag:yaml.org,2002:float",
-    "tag:yaml.org,2002:bool",
-    "tag:yaml.org,2002:null",
-    "tag:yaml.org,2002:timestamp",
+_T = "tag:yaml.org,2002:"
+_IMPLICIT = Resolver.yaml_implicit_resolvers
+_CONSTRUCT = {
+    _T + "int": SafeConstructor.construct_yaml_int,
+    _T + "float": SafeConstructor.construct_yaml_float,
+    _T + "bool": SafeConstructor.construct_yaml_bool,
+    _T + "null": SafeConstructor.construct_yaml_null,
+    _T + "timestamp": SafeConstructor.construct_yaml_timestamp,
 }
+_NOT_SET = object()
 
 
 @dataclass
@@ -68,79 +73,214 @@ class Positions:
 @dataclass
 class Document:
     data: Any
-    positions: Positions
     file: str
+    text: bytes | str
+    _positions: Positions | None = None
+
+    @property
+    def positions(self) -> Positions:
+        """Computed on first use by re-reading the text with position tracking."""
+        if self._positions is None:
+            self._positions = _Builder(self.file, track=True).run(self.text)[1]
+        return self._positions
+
+
+class _Frame:
+    __slots__ = ("anchor", "container", "key", "path", "start")
+
+    def __init__(self, container: Any, path: Path_, anchor: str | None, start: int) -> None:
+        self.container = container
+        self.path = path
+        self.anchor = anchor
+        self.start = start
+        self.key: Any = _NOT_SET
 
 
 class _Builder:
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, track: bool) -> None:
         self.file = file
+        self.track = track
         self.positions = Positions()
-        self.nodes = 0
-        self.visited: set[int] = set()
-        self.alias_nodes = 0
         self.errors: list[Diagnostic] = []
-        self._constructor = yaml.SafeLoader("")
+        self.nodes = 0
+        self.anchors: dict[str, tuple[Any, int]] = {}
+        self._constructor = SafeConstructor()
+        self._plain: dict[str, str] = {}
 
-    def _pos(self, node: yaml.Node) -> tuple[int, int]:
-        return node.start_mark.line + 1, node.start_mark.column + 1
+    def _error(self, event: yaml.Event, message: str) -> None:
+        mark = event.start_mark
+        self.errors.append(Diagnostic(self.file, mark.line + 1, mark.column + 1, message))
 
-    def _error(self, node: yaml.Node, message: str) -> None:
-        line, col = self._pos(node)
-        self.errors.append(Diagnostic(self.file, line, col, message))
-
-    def build(self, node: yaml.Node, path: Path_) -> Any:
-        self.nodes += 1
-        if id(node) in self.visited:
-            self.alias_nodes += 1
-        else:
-            self.visited.add(id(node))
-        if self.nodes > MAX_NODES or self.alias_nodes > MAX_ALIAS_NODES:
-            line, col = self._pos(node)
+    def _charge(self, event: yaml.Event, n: int) -> None:
+        self.nodes += n
+        if self.nodes > MAX_NODES:
+            mark = event.start_mark
             raise TaskFileError([Diagnostic(
-                self.file, line, col,
-                f"document expands to more than {MAX_NODES:,} values, or more than "
-                f"{MAX_ALIAS_NODES:,} through aliases (an alias bomb?); "
-                "remove the deeply nested anchors/aliases",
+                self.file, mark.line + 1, mark.column + 1,
+                f"document expands to more than {MAX_NODES:,} values (an alias bomb?); "
+                "remove the nested anchors and aliases",
             )])
-        self.positions.values[path] = self._pos(node)
-        if isinstance(node, yaml.ScalarNode):
-            return self._scalar(node)
-        if isinstance(node, yaml.SequenceNode):
-            if node.tag not in ("tag:yaml.org,2002:seq",):
-                self._error(node, f"unsupported YAML tag {node.tag!r}; use plain lists")
-            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, path)
-        self._error(node, "unsupported YAML node")  # pragma: no cover
-        return None
 
-    def _scalar(self, node: yaml.ScalarNode) -> Any:
-        tag = node.tag
-        if tag == "tag:yaml.org,2002:str":
-            return node.value
-        if tag not in _SAFE_SCALAR_TAGS:
-            self._error(node, f"unsupported YAML tag {tag!r}; only plain data is allowed")
-            return node.value
-        return self._constructor.construct_object(node, deep=True)
+    def run(self, text: bytes | str) -> tuple[Any, Positions]:
+        """Build the document's data from libyaml events.
 
-    def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[str, Any]:
-        if node.tag != "tag:yaml.org,2002:map":
-            self._error(node, f"unsupported YAML tag {node.tag!r}; use plain mappings")
-        out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                self._error(key_node, "YAML merge keys ('<<') are not supported; repeat the keys")
-                continue
-            key = self.build(key_node, (*path, "<key>"))
-            if not isinstance(key, str):
-                key = str(key)
-            if key in out:
-                self._error(key_node, f"duplicate key {key!r}")
-            self.positions.keys[(*path, key)] = self._pos(key_node)
-            out[key] = self.build(value_node, (*path, key))
-        self.positions.values.pop((*path, "<key>"), None)
-        return out
+        The loop is written flat on purpose: it runs once per YAML event, and
+        a 50,000-task file has three quarters of a million of them.
+        """
+        stack: list[_Frame] = []
+        root: Any = _NOT_SET
+        documents = 0
+        track = self.track
+        scalar_t, alias_t = yaml.ScalarEvent, yaml.AliasEvent
+        map_start, seq_start = yaml.MappingStartEvent, yaml.SequenceStartEvent
+        ends = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+        loader = _Loader(text)
+        try:
+            while loader.check_event():
+                event = loader.get_event()
+                kind = event.__class__
+                if kind is scalar_t:
+                    self.nodes += 1
+                    if event.tag is None and not event.implicit[0]:
+                        value: Any = event.value  # quoted: always a string
+                    else:
+                        value = self._scalar(event)
+                    if event.anchor:
+                        self.anchors[event.anchor] = (value, 1)
+                    if not track and stack:  # fast paths; _deliver handles the rest
+                        top = stack[-1]
+                        container = top.container
+                        if type(container) is list:
+                            container.append(value)
+                            continue
+                        if top.key is not _NOT_SET:
+                            container[top.key] = value
+                            top.key = _NOT_SET
+                            continue
+                        if type(value) is str and value != "<<" and value not in container:
+                            top.key = value
+                            continue
+                    root = self._deliver(stack, value, event, root)
+                elif kind is map_start or kind is seq_start:
+                    self._charge(event, 1)
+                    is_map = kind is map_start
+                    if event.tag not in (None, "!", _T + ("map" if is_map else "seq")):
+                        self._error(event, f"unsupported YAML tag {event.tag!r}; "
+                                           "only plain data is allowed")
+                    path = self._child_path(stack, event)
+                    if stack and path is None:
+                        self._error(event, "mapping keys must be plain scalars")
+                    stack.append(_Frame({} if is_map else [], path or (), event.anchor,
+                                        self.nodes))
+                elif kind in ends:
+                    frame = stack.pop()
+                    if frame.anchor:
+                        self.anchors[frame.anchor] = (frame.container,
+                                                      self.nodes - frame.start + 1)
+                    root = self._deliver(stack, frame.container, event, root, placed=True)
+                elif kind is alias_t:
+                    if event.anchor not in self.anchors:
+                        self._error(event, f"unknown alias '*{event.anchor}'")
+                        value, size = None, 1
+                    else:
+                        value, size = self.anchors[event.anchor]
+                    self._charge(event, size)
+                    root = self._deliver(stack, value, event, root)
+                elif kind is yaml.DocumentStartEvent:
+                    documents += 1
+                    if documents > 1:
+                        self._error(event, "a task file holds one YAML document; "
+                                           "remove the '---'")
+        finally:
+            loader.dispose()
+        self._charge_check()
+        if self.errors:
+            raise TaskFileError(self.errors)
+        return (None if root is _NOT_SET else root), self.positions
+
+    def _charge_check(self) -> None:
+        if self.nodes > MAX_NODES:  # scalars are counted without a check in the loop
+            raise TaskFileError([Diagnostic(
+                self.file, None, None,
+                f"document has more than {MAX_NODES:,} values; split it into several files")])
+
+    def _child_path(self, stack: list[_Frame], event: yaml.Event) -> Path_ | None:
+        """Path of the value starting at `event`, recording its position."""
+        if not stack:
+            path: Path_ = ()
+        else:
+            top = stack[-1]
+            if isinstance(top.container, list):
+                path = (*top.path, len(top.container))
+            elif top.key is _NOT_SET:
+                return None  # a complex key
+            else:
+                path = (*top.path, top.key)
+        if self.track:
+            mark = event.start_mark
+            self.positions.values[path] = (mark.line + 1, mark.column + 1)
+        return path
+
+    def _deliver(self, stack: list[_Frame], value: Any, event: yaml.Event, root: Any,
+                 placed: bool = False) -> Any:
+        if not stack:
+            if not placed and self.track:
+                mark = event.start_mark
+                self.positions.values[()] = (mark.line + 1, mark.column + 1)
+            return value
+        top = stack[-1]
+        container = top.container
+        if isinstance(container, list):
+            if not placed and self.track:
+                self._child_path(stack, event)
+            container.append(value)
+            return root
+        if top.key is _NOT_SET:
+            if isinstance(value, dict | list):
+                return root  # already reported as a complex key
+            key = value if isinstance(value, str) else str(value)
+            if key == "<<" and isinstance(event, yaml.ScalarEvent) and event.implicit[0]:
+                self._error(event, "YAML merge keys ('<<') are not supported; repeat the keys")
+            if key in container:
+                self._error(event, f"duplicate key {key!r}")
+            top.key = key
+            if self.track:
+                mark = event.start_mark
+                self.positions.keys[(*top.path, key)] = (mark.line + 1, mark.column + 1)
+            return root
+        if not placed and self.track:
+            self._child_path(stack, event)
+        container[top.key] = value
+        top.key = _NOT_SET
+        return root
+
+    def _scalar(self, event: yaml.ScalarEvent) -> Any:
+        value = event.value
+        tag = event.tag
+        if tag is None or tag == "!":
+            if not event.implicit[0]:
+                return value  # quoted: always a string
+            if value in self._plain:
+                return self._plain[value]
+            for candidate, regexp in _IMPLICIT.get(value[:1], ()):
+                if regexp.match(value):
+                    tag = candidate
+                    break
+            else:
+                if len(value) <= 24:  # keys and short words repeat thousands of times
+                    self._plain[value] = value
+                return value
+        if tag == _T + "str" or tag == _T + "merge" or tag == _T + "value":
+            return value
+        construct = _CONSTRUCT.get(tag)
+        if construct is None:
+            self._error(event, f"unsupported YAML tag {tag!r}; only plain data is allowed")
+            return value
+        try:
+            return construct(self._constructor, yaml.ScalarNode(tag, value))
+        except (ValueError, yaml.YAMLError):
+            self._error(event, f"invalid {tag.rsplit(':', 1)[-1]} value {value!r}")
+            return value
 
 
 def _whole_file(file: str, message: str) -> TaskFileError:
@@ -170,13 +310,9 @@ def load_yaml(path: Path, display: str | None = None) -> Document:
 
 
 def parse_yaml(text: bytes | str, file: str) -> Document:
-    """Parse YAML text into data plus positions; raise TaskFileError on any problem."""
+    """Parse YAML text into plain data; raise TaskFileError on any problem."""
     try:
-        loader = _Loader(text)
-        try:
-            root = loader.get_single_node()
-        finally:
-            loader.dispose()
+        data, _ = _Builder(file, track=False).run(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -189,10 +325,6 @@ def parse_yaml(text: bytes | str, file: str) -> Document:
         raise _whole_file(file, f"invalid YAML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise _whole_file(file, f"not UTF-8 text: {exc.reason}") from None
-    if root is None:
+    if data is None:
         raise TaskFileError([Diagnostic(file, 1, 1, "file is empty; it needs a 'tasks:' list")])
-    builder = _Builder(file)
-    data = builder.build(root, ())
-    if builder.errors:
-        raise TaskFileError(builder.errors)
-    return Document(data, builder.positions, file)
+    return Document(data, file, text)

@@ -40,7 +40,7 @@ class Job:
 
     @property
     def log_path(self) -> Path:
-        return self.spec.settings.output_dir / "logs" / f"{self.task.id}.log"
+        return self.spec.log_path(self.index)
 
     def input_paths(self) -> dict[str, Path]:
         """Dependency id → absolute output path, in dependency order."""
