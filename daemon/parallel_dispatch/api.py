@@ -9,11 +9,13 @@ from __future__ import annotations
 import datetime as _dt
 import secrets
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from .incremental import Reuse
 from .loader import load_spec
 from .outputs import clean_staging
 from .progress import NullProgress, Progress
@@ -62,24 +64,36 @@ async def run_spec(
     progress: Progress | None = None,
     handle_signals: bool = False,
     run_id: str | None = None,
-    scheduler_hook: Any = None,
+    reuse: bool = False,
+    limiter: trio.CapacityLimiter | None = None,
+    scheduler_hook: Callable[[Scheduler], None] | None = None,
 ) -> RunResult:
     """Run a validated spec to completion and write its reports (unless dry run).
 
-    With `handle_signals`, SIGINT/SIGTERM interrupt the run: agents' process
-    groups are killed, a partial report is written, and the result says
-    `interrupted` (exit code 130).
+    With `reuse`, tasks unchanged since their last successful run are `cached`
+    instead of run (`--resume`, the daemon).  `limiter` is a slot pool shared
+    with other runs.  With `handle_signals`, SIGINT/SIGTERM interrupt the run:
+    agents' process groups are killed, a partial report is written, and the
+    result says `interrupted` (exit code 130).  `scheduler_hook` receives the
+    scheduler before it starts, so a caller can `interrupt()` it later.
     """
     progress = progress or NullProgress()
     real = runner or CommandRunner()
     active: Runner = DryRunRunner(real) if dry_run else real
     result = new_result(spec, run_id, dry_run)
     state = State.load(spec.settings.output_dir)
-    scheduler = Scheduler(spec, active, result, progress=progress, durations=state.durations())
+    cache = None if dry_run else Reuse(spec, state, enabled=reuse)
+    scheduler = Scheduler(
+        spec, active, result, progress=progress, durations=state.durations(), reuse=cache,
+        limiter=limiter, on_task_done=None if dry_run else _recorder(result, state))
     if scheduler_hook is not None:
         scheduler_hook(scheduler)
     if not dry_run:
         spec.settings.output_dir.mkdir(parents=True, exist_ok=True)
+        state.runs = {"run_id": result.run_id, "started_at": result.started_at,
+                      "status": "running", "task_file": str(spec.path),
+                      "task_file_hash": spec.source_hash}
+        state.save()
     progress.run_started(result)
     try:
         async with trio.open_nursery() as nursery:
@@ -111,16 +125,28 @@ def _mark_planned(result: RunResult) -> None:
     result.wall_s = 0.0
 
 
-def _finish(result: RunResult, state: State) -> None:
-    clean_staging(result.spec, result.run_id)
-    for rec in result.records:
+def _recorder(result: RunResult, state: State) -> Callable[[TaskRecord], None]:
+    """Record each finished task in the state file as it finishes (crash safety)."""
+    n = len(result.records)
+
+    def record(rec: TaskRecord) -> None:
         if rec.status == "succeeded":
-            state.record(rec.id, duration_s=round(rec.busy_s, 3), status=rec.status,
+            state.record(rec.id, duration_s=round(rec.busy_s, 3), status="succeeded",
                          finished_run=result.run_id)
         elif rec.status in ("failed", "timeout"):
             state.record(rec.id, status=rec.status, finished_run=result.run_id)
-    state.runs = {"run_id": result.run_id, "started_at": result.started_at,
-                  "finished_at": result.finished_at, "status": result.status}
+        else:
+            return  # cached, skipped, cancelled: the last real result still stands
+        state.save_soon(n)
+
+    return record
+
+
+def _finish(result: RunResult, state: State) -> None:
+    clean_staging(result.spec, result.run_id)
+    state.runs.update({"finished_at": result.finished_at, "status": result.status})
+    state.runs.update({k: result.count(k) for k in
+                       ("succeeded", "cached", "failed", "timeout", "skipped", "cancelled")})
     state.save()
     write_reports(result)
 

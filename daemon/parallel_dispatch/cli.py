@@ -48,6 +48,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-failure", choices=("continue", "stop", "retry"),
                    help="failure handling (default continue)")
     p.add_argument("--dry-run", action="store_true", help="show execution plan without running")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse outputs of tasks unchanged since their last successful run")
     p.add_argument("--config", metavar="PATH", help="project config (default .aiwg/dispatch.toml)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -147,7 +149,8 @@ def _run(args: argparse.Namespace) -> int:
         result = trio.run(lambda: run_spec(spec, runner=real, dry_run=True, progress=progress))
         print(render_plan(spec, result, real))
         return EXIT_OK
-    result = trio.run(lambda: run_spec(spec, progress=progress, handle_signals=True))
+    result = trio.run(lambda: run_spec(spec, progress=progress, handle_signals=True,
+                                       reuse=args.resume))
     if result.report_md_path is not None:
         print(f"report: {result.report_md_path}")
     return result.exit_code

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import gc
+import hashlib
 import os
 import posixpath
 from collections.abc import Iterator
@@ -87,10 +88,15 @@ def _load_spec(
                 path=path, display=display, name=model.name or path.stem,
                 description=model.description, tasks=tuple(model.tasks),
                 agents=tuple(agents), graph=graph, settings=settings, config=config,
+                source_hash=hashlib.sha256(_as_bytes(doc.text)).hexdigest(),
             )
     if checker.diagnostics or spec is None:
         raise TaskFileError(sorted(checker.diagnostics, key=_order))
     return spec
+
+
+def _as_bytes(text: bytes | str) -> bytes:
+    return text.encode("utf-8") if isinstance(text, str) else text
 
 
 def _order(d: Diagnostic) -> tuple[str, int, int]:

@@ -36,6 +36,9 @@ class Settings(_Strict):
         None, description="Retries per task under on_failure: retry (default 3).")
     retry_backoff: Annotated[float, Field(ge=0)] | None = Field(
         None, description="Base of the exponential retry backoff, in seconds (default 1).")
+    max_cost_usd: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Budget in USD: once the cost reported by the agents reaches it, "
+        "no new task starts (running ones finish).")
 
 
 class Task(_Strict):
@@ -57,6 +60,10 @@ class Task(_Strict):
     inputs: InputsMode | None = Field(
         None, description="How dependency outputs are appended to the prompt "
         "(default inline; 'none' for the shell agent).")
+    files: list[Annotated[StrictStr, Field(min_length=1)]] = Field(
+        default_factory=list, description="Globs (relative to the project root) of files this "
+        "task reads; their contents join its fingerprint and the daemon re-runs it when they "
+        "change.")
 
     @property
     def is_directory(self) -> bool:

@@ -12,8 +12,8 @@ from typing import Protocol, TextIO
 
 from .result import RunResult, TaskRecord
 
-_MARK = {"succeeded": "✓", "failed": "✗", "timeout": "⏱", "skipped": "↷", "cancelled": "⊘",
-         "planned": "·"}
+_MARK = {"succeeded": "✓", "cached": "≡", "failed": "✗", "timeout": "⏱", "skipped": "↷",
+         "cancelled": "⊘", "planned": "·"}
 
 
 class Progress(Protocol):
@@ -34,7 +34,7 @@ class NullProgress:
 
 def _describe_end(rec: TaskRecord) -> str:
     text = f"{_MARK.get(rec.status, '?')} {rec.id} {rec.status}"
-    if rec.status not in ("skipped", "planned") and rec.end_s is not None:
+    if rec.status not in ("skipped", "planned", "cached") and rec.end_s is not None:
         text += f" in {rec.busy_s:.1f}s"
     if rec.attempts > 1:
         text += f" after {rec.attempts} attempts"
@@ -77,6 +77,7 @@ class PlainProgress:
 
     def run_finished(self, result: RunResult) -> None:
         self._line(f"finished: {result.status} — {result.count('succeeded')} succeeded, "
+                   f"{result.count('cached')} cached, "
                    f"{result.count('failed')} failed, {result.count('timeout')} timed out, "
                    f"{result.count('skipped')} skipped, {result.count('cancelled')} cancelled "
                    f"in {result.wall_s:.1f}s")

@@ -22,8 +22,9 @@ REPORT_JSON = "dispatch-report.json"
 LOG_TAIL_LINES = 20
 SCHEMA_VERSION = 1
 
-_MARK = {"succeeded": "✓", "failed": "✗", "timeout": "⏱ timeout", "skipped": "↷ skipped",
-         "cancelled": "⊘ cancelled", "planned": "· planned", "pending": "…"}
+_MARK = {"succeeded": "✓", "cached": "≡ cached", "failed": "✗", "timeout": "⏱ timeout",
+         "skipped": "↷ skipped", "cancelled": "⊘ cancelled", "planned": "· planned",
+         "pending": "…"}
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -73,7 +74,7 @@ def waves(result: RunResult) -> list[dict[str, Any]]:
 
 def _wave_status(recs: Iterable[TaskRecord]) -> str:
     statuses = {r.status for r in recs}
-    if statuses <= {"succeeded"}:
+    if statuses <= {"succeeded", "cached"}:
         return "succeeded"
     if statuses <= {"planned"}:
         return "planned"
@@ -129,6 +130,7 @@ def to_json(result: RunResult) -> dict[str, Any]:
             "timed_out": result.count("timeout"),
             "skipped": result.count("skipped"),
             "cancelled": result.count("cancelled"),
+            "cached": result.count("cached"),
             "total_time_s": round(result.wall_s, 3),
             "work_time_s": round(result.work_s, 3),
             "parallel_efficiency": round(result.efficiency, 4),
@@ -164,6 +166,7 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
         f"- **Timed out**: {s['timed_out']}",
         f"- **Skipped**: {s['skipped']}",
         f"- **Cancelled**: {s['cancelled']}",
+        f"- **Cached**: {s['cached']}",
         f"- **Status**: {data['status']}" + (" (dry run)" if data["dry_run"] else ""),
         f"- **Run**: `{data['run_id']}` · max_parallel {data['settings']['max_parallel']} · "
         f"on_failure {data['settings']['on_failure']}",
@@ -189,7 +192,8 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
     for t in data["tasks"]:
         lines.append(f"| {t['id']} | {t['agent']} | {fmt_duration(t['duration_s'])} | "
                      f"{_MARK.get(t['status'], t['status'])} | {t['attempts']} | {t['output']} |")
-    problems = [t for t in data["tasks"] if t["status"] not in ("succeeded", "planned")]
+    problems = [t for t in data["tasks"]
+                if t["status"] not in ("succeeded", "cached", "planned")]
     if problems:
         lines += ["", "## Problems", ""]
         for t in problems:
@@ -202,7 +206,7 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
                           "```text", *t["log_tail"], "```"]
             lines.append("")
     lines += ["", "## Outputs"]
-    outs = [t for t in data["tasks"] if t["status"] == "succeeded"]
+    outs = [t for t in data["tasks"] if t["status"] in ("succeeded", "cached")]
     for t in outs:
         lines.append(f"- {_rel(Path(t['output_path']), root)}" + ("/" if t["output"].endswith("/")
                                                                   else ""))
@@ -219,7 +223,8 @@ def _md_escape_line(text: str) -> str:
 
 
 def _gantt(data: dict[str, Any]) -> list[str]:
-    rows = [t for t in data["tasks"] if t["start_s"] is not None and t["end_s"] is not None]
+    rows = [t for t in data["tasks"] if t["start_s"] is not None and t["end_s"] is not None
+            and t["status"] != "cached"]
     if not rows:
         return []
     out = ["```mermaid", "gantt", "    title Dispatch timeline (seconds from start)",

@@ -8,7 +8,7 @@ from typing import Any
 
 from .spec import DispatchSpec
 
-FINAL = ("succeeded", "failed", "timeout", "skipped", "cancelled", "planned")
+FINAL = ("succeeded", "cached", "failed", "timeout", "skipped", "cancelled", "planned")
 
 
 @dataclass
@@ -40,7 +40,7 @@ class TaskRecord:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("succeeded", "planned")
+        return self.status in ("succeeded", "cached", "planned")
 
 
 @dataclass

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import trio
 
+from .incremental import Reuse
 from .plan import Plan
 from .progress import NullProgress, Progress
 from .result import RunResult, TaskRecord
@@ -50,6 +52,8 @@ class Scheduler:
         durations: Mapping[str, float] | None = None,
         rng: random.Random | None = None,
         on_task_done: Callable[[TaskRecord], None] | None = None,
+        reuse: Reuse | None = None,
+        limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         self.spec = spec
         self.runner = runner
@@ -58,6 +62,9 @@ class Scheduler:
         self.progress = progress or NullProgress()
         self.rng = rng or random.Random()
         self.on_task_done = on_task_done
+        self.reuse = reuse
+        self.limiter = limiter
+        """A slot pool shared with other runs (the daemon's global --max-parallel)."""
         self.plan = Plan.with_weights(spec.graph, _weights(spec, durations or {}))
         self.result.critical_path = [
             spec.graph.ids[i] for i in spec.graph.critical_path(_weights(spec, durations or {}))]
@@ -108,6 +115,15 @@ class Scheduler:
 
     async def _attempt(self, i: int, send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
         rec = self.records[i]
+        if rec.attempts == 0 and self.reuse is not None and await self.reuse.lookup(i):
+            now = self._now()
+            send.send_nowait(_Finished(i, 0, "cached", None, now, now))
+            return
+        async with self.limiter if self.limiter is not None else nullcontext():
+            await self._attempt_in_slot(i, rec, send)
+
+    async def _attempt_in_slot(self, i: int, rec: TaskRecord,
+                               send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
         rec.attempts += 1
         job = Job(self.spec, i, rec.attempts, self.result.run_id)
         start = self._now()
@@ -131,12 +147,21 @@ class Scheduler:
             status = "cancelled"
         else:
             status = "succeeded" if outcome.ok else "failed"
+        if status == "succeeded" and self.reuse is not None:
+            await self.reuse.succeeded(i)
         send.send_nowait(_Finished(i, rec.attempts, status, outcome, start, self._now()))
 
     def _handle(self, msg: _Finished, nursery: trio.Nursery,
                 send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
         i = msg.index
         rec = self.records[i]
+        if msg.status == "cached":
+            rec.status = "cached"
+            rec.start_s = rec.end_s = msg.end
+            rec.reason = "unchanged since its last successful run; output reused"
+            self.plan.succeeded(i)
+            self._done(rec)
+            return
         rec.end_s = msg.end
         rec.busy_s += msg.end - msg.start
         out = msg.outcome

@@ -28,6 +28,8 @@ class DispatchSpec:
     graph: Graph
     settings: ResolvedSettings
     config: ProjectConfig
+    source_hash: str = ""
+    """sha256 of the task file's bytes, to tell whether the file changed since a run."""
 
     @property
     def root(self) -> Path:
