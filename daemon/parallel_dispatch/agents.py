@@ -2,7 +2,8 @@
 
 Lookup order: `[agents.<name>]` in `.aiwg/dispatch.toml`, the built-in
 `shell` agent, then the `[agents."*"]` fallback.  Anything else is a
-validation error, caught before a single process starts.
+validation error, caught before a single process starts.  `resolve.py` adds
+agent definitions (`.claude/agents/*.md`, ...) run by runner presets on top.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .agentdefs import AgentDefinition
 from .config import AgentConfig, ProjectConfig
 from .model import InputsMode
 
@@ -31,6 +33,22 @@ class AgentSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     inputs: InputsMode = "inline"
     source: str = "config"
+    runner: str | None = None
+    """Runner preset (`claude`, `codex`, ...); None for a plain command agent."""
+    definition: AgentDefinition | None = None
+    """The agent's Markdown definition: its body is the system prompt."""
+    model: str | None = None
+    """The model the preset passes on (config first, then the definition's, if it fits)."""
+    args: tuple[str, ...] = ()
+    base_url: str | None = None
+    api_key_env: str | None = None
+    read_timeout: float | None = None
+    notes: tuple[str, ...] = ()
+    """Things the user should know about this resolution (e.g. an ignored model)."""
+
+    @property
+    def system_prompt(self) -> str:
+        return self.definition.system_prompt if self.definition is not None else ""
 
     def argv(self, values: Mapping[str, str]) -> list[str]:
         """Expand `{agent}`-style placeholders; other braces are left alone."""
@@ -50,7 +68,7 @@ BUILTIN_SHELL = AgentSpec(
 def _from_config(name: str, cfg: AgentConfig, source: str) -> AgentSpec:
     return AgentSpec(
         name=name,
-        command=tuple(cfg.command),
+        command=tuple(cfg.command or ()),
         prompt_mode=cfg.prompt,
         output_mode=cfg.output,
         env=dict(cfg.env),
@@ -60,12 +78,17 @@ def _from_config(name: str, cfg: AgentConfig, source: str) -> AgentSpec:
 
 
 def resolve_agent(name: str, config: ProjectConfig) -> AgentSpec | None:
-    """The spec for `name`, or None when nothing configures it."""
+    """The command-agent spec for `name`, or None when no command configures it.
+
+    Agents configured with a runner preset (or found only as definitions) are
+    resolved by `resolve.AgentResolver`, which falls back to this function.
+    """
     if name in config.agents and name != FALLBACK:
-        return _from_config(name, config.agents[name], f"[agents.{name}]")
+        cfg = config.agents[name]
+        return _from_config(name, cfg, f"[agents.{name}]") if cfg.is_command else None
     if name == SHELL_AGENT:
         return BUILTIN_SHELL
-    if FALLBACK in config.agents:
+    if FALLBACK in config.agents and config.agents[FALLBACK].is_command:
         return _from_config(name, config.agents[FALLBACK], '[agents."*"]')
     return None
 

@@ -21,7 +21,7 @@ from .outputs import clean_staging
 from .progress import NullProgress, Progress
 from .report import write_reports
 from .result import RunResult, TaskRecord
-from .runners import CommandRunner, DryRunRunner, Runner
+from .runners import DryRunRunner, Runner, RunnerSet
 from .scheduler import Scheduler
 from .spec import DispatchSpec
 from .state import State
@@ -32,17 +32,18 @@ def new_run_id() -> str:
     return f"{stamp}-{secrets.token_hex(3)}"
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def overrides_from(
     *, max_parallel: int | None = None, timeout_ms: int | None = None,
     output_dir: str | None = None, on_failure: str | None = None,
+    max_cost_usd: float | None = None,
 ) -> dict[str, Any]:
     """CLI-flag layer of the settings precedence (None = not given)."""
     return {"max_parallel": max_parallel, "timeout_per_task": timeout_ms,
-            "output_dir": output_dir, "on_failure": on_failure}
+            "output_dir": output_dir, "on_failure": on_failure, "max_cost_usd": max_cost_usd}
 
 
 def new_result(spec: DispatchSpec, run_id: str | None = None, dry_run: bool = False) -> RunResult:
@@ -52,7 +53,7 @@ def new_result(spec: DispatchSpec, run_id: str | None = None, dry_run: bool = Fa
                    index=i)
         for i, t in enumerate(spec.tasks)
     ]
-    return RunResult(spec=spec, run_id=run_id or new_run_id(), started_at=_now_iso(),
+    return RunResult(spec=spec, run_id=run_id or new_run_id(), started_at=now_iso(),
                      records=records, dry_run=dry_run)
 
 
@@ -78,7 +79,7 @@ async def run_spec(
     scheduler before it starts, so a caller can `interrupt()` it later.
     """
     progress = progress or NullProgress()
-    real = runner or CommandRunner()
+    real = runner or RunnerSet()
     active: Runner = DryRunRunner(real) if dry_run else real
     result = new_result(spec, run_id, dry_run)
     state = State.load(spec.settings.output_dir)
@@ -105,7 +106,7 @@ async def run_spec(
             await scheduler.run()
             nursery.cancel_scope.cancel()
     finally:
-        result.finished_at = _now_iso()
+        result.finished_at = now_iso()
         if isinstance(active, DryRunRunner):
             result.plan_lines = list(active.started)
             _mark_planned(result)
@@ -175,11 +176,12 @@ async def run_dispatch(
     progress: Progress | None = None,
     runner: Runner | None = None,
     handle_signals: bool = False,
+    max_cost_usd: float | None = None,
 ) -> RunResult:
     """Validate `task_file` (raising `TaskFileError`) and run it."""
     spec = load_spec(task_file, config_path=config_path, overrides=overrides_from(
         max_parallel=max_parallel, timeout_ms=timeout_ms, output_dir=output_dir,
-        on_failure=on_failure))
+        on_failure=on_failure, max_cost_usd=max_cost_usd))
     return await run_spec(spec, runner=runner, dry_run=dry_run, progress=progress,
                           handle_signals=handle_signals)
 

@@ -12,6 +12,7 @@ import gc
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
@@ -20,12 +21,15 @@ from .api import overrides_from, run_spec
 from .errors import DispatchError, TaskFileError
 from .loader import load_spec
 from .model import task_file_schema
+from .orphans import AgentRegistry
 from .plan_view import render_plan
 from .progress import for_stream
+from .runners import RunnerSet
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-SUBCOMMANDS = ("run", "validate", "plan", "schema", "action")
+SUBCOMMANDS = ("run", "validate", "plan", "schema", "action", "watch", "status", "agents", "init",
+               "doctor")
 
 
 def _positive_int(text: str) -> int:
@@ -35,6 +39,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
 
 
@@ -48,6 +62,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-failure", choices=("continue", "stop", "retry"),
                    help="failure handling (default continue)")
     p.add_argument("--dry-run", action="store_true", help="show execution plan without running")
+    p.add_argument("--max-cost", type=_positive_float, metavar="USD",
+                   help="start no new task once the agents' reported cost reaches this")
     p.add_argument("--resume", action="store_true",
                    help="reuse outputs of tasks unchanged since their last successful run")
     p.add_argument("--config", metavar="PATH", help="project config (default .aiwg/dispatch.toml)")
@@ -59,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="parallel-dispatch",
         usage="parallel-dispatch TASK_FILE [--max-parallel N] [--timeout MS] [--output DIR] "
               "[--on-failure continue|stop|retry] [--dry-run]\n"
-              "       parallel-dispatch {run,validate,plan,schema,action} ...",
+              "       parallel-dispatch {run,validate,plan,schema,watch,status,agents,init,"
+              "doctor,action} ...",
         description="Run a YAML file of AI-agent tasks as a dependency graph.",
     )
     parser.add_argument("--version", action="version", version=f"parallel-dispatch {__version__}")
@@ -74,8 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive_int, metavar="MS")
     p.add_argument("--output", metavar="DIR")
     p.add_argument("--on-failure", choices=("continue", "stop", "retry"))
+    p.add_argument("--max-cost", type=_positive_float, metavar="USD")
     p.add_argument("--config", metavar="PATH")
     sub.add_parser("schema", help="print the JSON Schema of task files")
+    ag = sub.add_parser("agents", help="list the agents tasks can name: runner, model, file")
+    ag.add_argument("--config", metavar="PATH")
+    ag.add_argument("--json", action="store_true", help="machine-readable output")
+    ini = sub.add_parser("init", help="write a starter .aiwg/dispatch.toml and example task file")
+    ini.add_argument("--force", action="store_true", help="overwrite existing files")
+    doc = sub.add_parser("doctor", help="check runners (versions), agents and definitions")
+    doc.add_argument("--config", metavar="PATH")
+    doc.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+                     help="how long each `--version` probe may take (default 10)")
+    w = sub.add_parser("watch", help="daemon: run task files in .aiwg/tasks/ as they change")
+    w.add_argument("project", nargs="?", default=".", metavar="PROJECT_DIR")
+    w.add_argument("--tasks-dir", metavar="DIR", help="default PROJECT_DIR/.aiwg/tasks/")
+    w.add_argument("--max-parallel", type=_positive_int, metavar="N",
+                   help="agents at once across all task files (default 8)")
+    w.add_argument("--force", action="store_true",
+                   help="at start, re-run every task file in full, ignoring earlier results")
+    st = sub.add_parser("status", help="each task file's last run, and what runs now")
+    st.add_argument("project", nargs="?", default=".", metavar="PROJECT_DIR")
+    st.add_argument("--tasks-dir", metavar="DIR")
     sub.add_parser("action", help="run as a GitHub Action step (see action.yml)", add_help=False)
     return parser
 
@@ -102,6 +139,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "schema":
             print(json.dumps(task_file_schema(), indent=2))
             return EXIT_OK
+        if args.command == "watch":
+            from .daemon import run_daemon
+
+            tasks = Path(args.tasks_dir) if args.tasks_dir else None
+            return run_daemon(Path(args.project), tasks, args.max_parallel, args.force)
+        if args.command == "status":
+            from .status import render_status
+
+            tasks = Path(args.tasks_dir).resolve() if args.tasks_dir else None
+            print(render_status(Path(args.project), tasks))
+            return EXIT_OK
+        if args.command in ("agents", "init", "doctor"):
+            from . import commands
+
+            if args.command == "agents":
+                return commands.agents_command(args.config, args.json)
+            if args.command == "init":
+                return commands.init_command(args.force)
+            return commands.doctor_command(args.config, args.timeout)
         if args.command == "plan":
             args.dry_run = True
             args.quiet = True
@@ -139,18 +195,19 @@ def _validate(files: list[str], config: str | None) -> int:
 def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.task_file, config_path=args.config, overrides=overrides_from(
         max_parallel=args.max_parallel, timeout_ms=args.timeout, output_dir=args.output,
-        on_failure=args.on_failure))
+        on_failure=args.on_failure, max_cost_usd=args.max_cost))
     progress = for_stream(sys.stderr, quiet=args.quiet)
     gc.freeze()  # the spec lives as long as the process: keep the collector off it
     if args.dry_run:
-        from .runners import CommandRunner
-
-        real = CommandRunner()
+        real = RunnerSet()
         result = trio.run(lambda: run_spec(spec, runner=real, dry_run=True, progress=progress))
         print(render_plan(spec, result, real))
         return EXIT_OK
+    registry = AgentRegistry(spec.root)
+    registry.reap()  # agents of an earlier dispatcher that was killed outright
     result = trio.run(lambda: run_spec(spec, progress=progress, handle_signals=True,
-                                       reuse=args.resume))
+                                       reuse=args.resume,
+                                       runner=RunnerSet(registry=registry)))
     if result.report_md_path is not None:
         print(f"report: {result.report_md_path}")
     return result.exit_code

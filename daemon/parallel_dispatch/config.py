@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 
 from .errors import ConfigError, Diagnostic
 from .model import InputsMode, OnFailure, Settings
@@ -30,23 +31,76 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 }
 
 
-class AgentConfig(BaseModel):
-    """How to run one agent: an argv list, never a shell string."""
+RunnerName = Literal["claude", "codex", "gemini", "opencode", "llm", "openai"]
+RUNNER_NAMES: tuple[str, ...] = ("claude", "codex", "gemini", "opencode", "llm", "openai")
+"""Built-in runner presets (runners/registry.py maps each name to its runner)."""
+
+
+class RunnerConfig(BaseModel):
+    """Options for a runner preset; `[runners.<name>]`, overridden per agent.
+
+    `command` replaces the preset's executable (e.g. `["npx", "-y", "@openai/codex"]`);
+    `args` are extra CLI arguments; `base_url`, `api_key_env` and `read_timeout` are
+    for the `openai` runner.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    command: Annotated[list[StrictStr], Field(min_length=1)]
+    command: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    model: Annotated[StrictStr, Field(min_length=1)] | None = None
+    args: list[StrictStr] = Field(default_factory=list)
+    env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    base_url: Annotated[StrictStr, Field(min_length=1)] | None = None
+    api_key_env: Annotated[StrictStr, Field(min_length=1)] | None = None
+    read_timeout: Annotated[float, Field(gt=0)] | None = None
+
+
+class AgentConfig(RunnerConfig):
+    """How to run one agent: an argv list (never a shell string), or a runner preset.
+
+    Without `runner`, `command` is the whole argv of a command agent.  With `runner`
+    (or with neither, meaning the default runner) the agent is run by that preset and
+    `command` only replaces the preset's executable.
+    """
+
+    runner: RunnerName | None = None
     prompt: Literal["stdin", "arg"] = "stdin"
     output: Literal["stdout", "file"] = "stdout"
-    env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     inputs: InputsMode | None = None
+
+    @property
+    def is_command(self) -> bool:
+        """A plain command agent, as before runner presets existed."""
+        return self.runner is None and self.command is not None
+
+    @model_validator(mode="after")
+    def _preset_keys_fit(self) -> AgentConfig:
+        if self.is_command:
+            preset_only = {"model", "args", "base_url", "api_key_env", "read_timeout"}
+            given = sorted(preset_only & self.model_fields_set)
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to runner presets; "
+                                 "set runner = \"claude\" (or another preset) or remove them")
+        else:
+            given = sorted({"prompt", "output"} & self.model_fields_set)
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to command agents; a runner "
+                                 "preset decides how the prompt and the result travel")
+        return self
+
+
+class ConfigDefaults(Settings):
+    """`[defaults]`: task-file settings, plus the runner for agents found only as definitions."""
+
+    runner: RunnerName | None = None
 
 
 class ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    defaults: Settings = Field(default_factory=Settings)
+    defaults: ConfigDefaults = Field(default_factory=ConfigDefaults)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
+    runners: dict[RunnerName, RunnerConfig] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -57,6 +111,12 @@ class ProjectConfig:
     path: Path | None = None
     defaults: Settings = field(default_factory=Settings)
     agents: dict[str, AgentConfig] = field(default_factory=dict)
+    runners: Mapping[str, RunnerConfig] = field(default_factory=dict)
+
+    @property
+    def default_runner(self) -> str | None:
+        """`[defaults] runner`, if the project sets one."""
+        return getattr(self.defaults, "runner", None)
 
 
 @dataclass(frozen=True)
@@ -68,6 +128,8 @@ class ResolvedSettings:
     on_failure: OnFailure
     max_retries: int
     retry_backoff: float
+    max_cost_usd: float | None = None
+    """Budget: no task starts once the run's reported cost reaches it."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +139,7 @@ class ResolvedSettings:
             "on_failure": self.on_failure,
             "max_retries": self.max_retries,
             "retry_backoff": self.retry_backoff,
+            "max_cost_usd": self.max_cost_usd,
         }
 
 
@@ -111,19 +174,27 @@ def load_config(root: Path, path: Path | None = None) -> ProjectConfig:
                        f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
             for err in exc.errors()
         ]) from None
-    return ProjectConfig(root=root, path=cfg_path, defaults=parsed.defaults, agents=parsed.agents)
+    return ProjectConfig(root=root, path=cfg_path, defaults=parsed.defaults, agents=parsed.agents,
+                         runners=dict(parsed.runners))
 
 
 def resolve_settings(
-    root: Path, file_settings: Settings, config: ProjectConfig, overrides: dict[str, Any]
+    root: Path, file_settings: Settings, config: ProjectConfig, overrides: dict[str, Any],
+    default_subdir: str | None = None,
 ) -> ResolvedSettings:
-    """Merge the four layers of settings; `overrides` holds only flags the user gave."""
+    """Merge the four layers of settings; `overrides` holds only flags the user gave.
+
+    `default_subdir` (the daemon's per-file directory) is appended to the output
+    dir only when it comes from a default, never when the file or a flag set it.
+    """
     merged = dict(BUILTIN_DEFAULTS)
     for layer in (config.defaults.model_dump(exclude_none=True),
                   file_settings.model_dump(exclude_none=True),
                   {k: v for k, v in overrides.items() if v is not None}):
         merged.update(layer)
     out_text = str(merged["output_dir"])
+    if default_subdir and file_settings.output_dir is None and not overrides.get("output_dir"):
+        out_text = f"{out_text.rstrip('/')}/{default_subdir}/"
     out = Path(out_text).expanduser()
     if not out.is_absolute():
         out = root / out
@@ -135,6 +206,8 @@ def resolve_settings(
         on_failure=merged["on_failure"],
         max_retries=int(merged["max_retries"]),
         retry_backoff=float(merged["retry_backoff"]),
+        max_cost_usd=(float(merged["max_cost_usd"])
+                      if merged.get("max_cost_usd") is not None else None),
     )
 
 
@@ -160,8 +233,8 @@ def _toml_line(text: str, loc: tuple[Any, ...]) -> int | None:
     """Best-effort line of a config key: TOML parsers keep no positions."""
     lines = text.splitlines()
     keys = [str(k) for k in loc]
-    if len(keys) >= 2 and keys[0] in ("agents", "defaults"):
-        section = keys[0] if keys[0] == "defaults" else f"agents.{keys[1]}"
+    if len(keys) >= 2 and keys[0] in ("agents", "defaults", "runners"):
+        section = keys[0] if keys[0] == "defaults" else f"{keys[0]}.{keys[1]}"
         start = None
         for i, line in enumerate(lines):
             stripped = line.strip().replace('"', "")
@@ -170,7 +243,7 @@ def _toml_line(text: str, loc: tuple[Any, ...]) -> int | None:
                 break
         if start is None:
             return None
-        leaf = keys[2] if keys[0] == "agents" and len(keys) > 2 else keys[-1]
+        leaf = keys[2] if keys[0] != "defaults" and len(keys) > 2 else keys[-1]
         for i in range(start + 1, len(lines)):
             if lines[i].lstrip().startswith("["):
                 break

@@ -18,11 +18,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .agents import SHELL_AGENT, known_agents, resolve_agent
+from .agents import SHELL_AGENT
 from .config import ProjectConfig, find_project_root, load_config, resolve_settings
 from .errors import ConfigError, Diagnostic, TaskFileError
 from .graph import Graph, find_cycles
 from .model import Settings, Task, TaskFile
+from .resolve import AgentResolver, ResolveError
 from .spec import DispatchSpec
 from .yamlsafe import Document, load_yaml
 
@@ -56,30 +57,39 @@ def load_spec(
     overrides: dict[str, Any] | None = None,
     config_path: str | Path | None = None,
     cwd: Path | None = None,
+    default_subdir: str | None = None,
+    config: ProjectConfig | None = None,
 ) -> DispatchSpec:
-    """Parse, validate and resolve one task file; raise `TaskFileError` listing all errors."""
+    """Parse, validate and resolve one task file; raise `TaskFileError` listing all errors.
+
+    `default_subdir` gives each file its own directory under a default output
+    dir, and `config` replaces reading `.aiwg/dispatch.toml` (the daemon's
+    layout, and its config as of the last start or SIGHUP).
+    """
     with _gc_paused():
-        return _load_spec(Path(path), overrides, config_path, cwd)
+        return _load_spec(Path(path), overrides, config_path, cwd, default_subdir, config)
 
 
 def _load_spec(
     path: Path, overrides: dict[str, Any] | None, config_path: str | Path | None,
-    cwd: Path | None,
+    cwd: Path | None, default_subdir: str | None, given_config: ProjectConfig | None,
 ) -> DispatchSpec:
     display = str(path)
     doc = load_yaml(path, display)
     checker = _Checker(doc)
     model = checker.validate_model()
     checker.check_graph()
-    root = find_project_root(path, cwd)
-    config: ProjectConfig | None = None
-    try:
-        config = load_config(root, Path(config_path) if config_path else None)
-    except ConfigError as exc:
-        checker.diagnostics.extend(exc.diagnostics)
+    root = given_config.root if given_config else find_project_root(path, cwd)
+    config: ProjectConfig | None = given_config
+    if config is None:
+        try:
+            config = load_config(root, Path(config_path) if config_path else None)
+        except ConfigError as exc:
+            checker.diagnostics.extend(exc.diagnostics)
     spec = None
     if model is not None and config is not None and not checker.diagnostics:
-        settings = resolve_settings(root, model.settings, config, overrides or {})
+        settings = resolve_settings(root, model.settings, config, overrides or {},
+                                    default_subdir)
         checker.check_outputs(model, settings.output_dir)
         agents = checker.check_agents(model, config)
         if not checker.diagnostics:
@@ -267,16 +277,14 @@ class _Checker:
 
     def check_agents(self, model: TaskFile, config: ProjectConfig) -> list[Any]:
         specs = []
-        known = known_agents(config)
-        where = config.path or (config.root / ".aiwg" / "dispatch.toml")
+        resolver = AgentResolver(config)
         for i, task in enumerate(model.tasks):
-            spec = resolve_agent(task.agent, config)
-            if spec is None:
-                self.add(("tasks", i, "agent"),
-                         f"unknown agent '{task.agent}'{did_you_mean(task.agent, known)} "
-                         f"(known agents: {', '.join(known)}); configure it as "
-                         f"[agents.{task.agent}] or [agents.\"*\"] in {where}")
-            elif spec.name == SHELL_AGENT and task.inputs not in (None, "none"):
+            try:
+                spec: Any = resolver.resolve(task.agent)
+            except ResolveError as exc:
+                spec = None
+                self.add(("tasks", i, "agent"), str(exc))
+            if spec is not None and spec.name == SHELL_AGENT and task.inputs not in (None, "none"):
                 self.add(("tasks", i, "inputs"),
                          "the shell agent's prompt is a script, so nothing can be appended to "
                          "it; remove 'inputs' and read $DISPATCH_INPUTS (a JSON object of "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -59,15 +59,17 @@ async def run_in_group(
     stdout: IO[bytes] | int,
     stderr: IO[bytes] | int,
     grace: float = KILL_GRACE_S,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    on_spawn: Callable[[int], None] | None = None,
+    on_reaped: Callable[[int], None] | None = None,
 ) -> Exit:
     """Run `argv` as a new session leader and wait for it.
 
     Output goes straight to the given files, so the dispatcher never holds it in
     memory.  On cancellation the group gets SIGTERM, then SIGKILL after `grace`.
     However the leader ends, leftover group members are killed: an agent's
-    background processes never outlive its task.  `task_status.started` gets the
-    pid (= pgid) so callers can record it.
+    background processes never outlive its task.  `on_spawn(pid)` runs as soon as
+    the group exists and `on_reaped(pid)` once it is gone, so callers can keep a
+    registry of live agents (see `orphans.py`).
     """
     pid = -1
     try:
@@ -75,11 +77,14 @@ async def run_in_group(
             process: trio.Process = await nursery.start(_start, argv, cwd, env, stdin,
                                                         stdout, stderr, grace)
             pid = process.pid
-            task_status.started(pid)
+            if on_spawn is not None:
+                on_spawn(pid)
         return Exit(process.returncode if process.returncode is not None else -1, pid)
     finally:
         if pid > 0:
             signal_group(pid, signal.SIGKILL)
+            if on_reaped is not None:
+                on_reaped(pid)
 
 
 async def _start(

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from . import costs
 from .atomic import write_text
 from .result import RunResult, TaskRecord
 
@@ -110,7 +111,7 @@ def to_json(result: RunResult) -> dict[str, Any]:
             "reason": r.reason,
             "log_tail": log_tail(r.log_path) if r.status in ("failed", "timeout") else [],
         }
-        entry.update({k: v for k, v in r.metrics.items()})
+        entry.update({**costs.EMPTY, **r.metrics})
         tasks.append(entry)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -134,7 +135,9 @@ def to_json(result: RunResult) -> dict[str, Any]:
             "total_time_s": round(result.wall_s, 3),
             "work_time_s": round(result.work_s, 3),
             "parallel_efficiency": round(result.efficiency, 4),
+            **costs.totals(tasks),
         },
+        "notes": list(result.notes),
         "critical_path": result.critical_path,
         "waves": waves(result),
         "tasks": tasks,
@@ -192,6 +195,10 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
     for t in data["tasks"]:
         lines.append(f"| {t['id']} | {t['agent']} | {fmt_duration(t['duration_s'])} | "
                      f"{_MARK.get(t['status'], t['status'])} | {t['attempts']} | {t['output']} |")
+    lines += costs.markdown(data)
+    if data["notes"]:
+        at = lines.index("## Execution Timeline")
+        lines[at:at] = [*costs.notes_markdown(data["notes"]), ""]
     problems = [t for t in data["tasks"]
                 if t["status"] not in ("succeeded", "cached", "planned")]
     if problems:
@@ -255,3 +262,23 @@ def write_reports(result: RunResult) -> tuple[Path, Path]:
     write_text(md_path, to_markdown(result, data))
     result.report_md_path, result.report_json_path = md_path, json_path
     return md_path, json_path
+
+
+def write_error_report(output_dir: Path, task_file: str, diagnostics: list[Any]) -> Path:
+    """Where a run's report would go, say why the file could not run (daemon)."""
+    from .api import now_iso
+
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "task_file": task_file,
+        "status": "invalid",
+        "checked_at": now_iso(),
+        "errors": [d.to_json() for d in diagnostics],
+    }
+    lines = ["# Parallel Dispatch Report", "", f"**Invalid task file**: `{task_file}` — "
+             "nothing was run. Fix these errors and save the file again:", "", "```text",
+             *(d.format() for d in diagnostics), "```", ""]
+    write_text(output_dir / REPORT_JSON, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    md = output_dir / REPORT_MD
+    write_text(md, "\n".join(lines))
+    return md

@@ -58,6 +58,8 @@ class RunResult:
     report_md_path: Path | None = None
     report_json_path: Path | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Run-level remarks for both reports (e.g. the cost budget stopped new tasks)."""
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.records if r.status == status)

@@ -72,6 +72,9 @@ class Scheduler:
         self._backoffs: dict[int, trio.CancelScope] = {}
         self._stopping: str | None = None
         self._t0 = 0.0
+        self.spent_usd = 0.0
+        """Cost reported by finished attempts, for the `max_cost_usd` budget."""
+        self._budget_note: str | None = None
 
     # -- public control -----------------------------------------------------------
     def interrupt(self, why: str = "run interrupted") -> None:
@@ -93,7 +96,7 @@ class Scheduler:
         async with trio.open_nursery() as nursery:
             while True:
                 while (self._stopping is None and running < self.spec.settings.max_parallel
-                       and self.plan.has_ready()):
+                       and self.plan.has_ready() and not self._over_budget()):
                     i = self.plan.pop_ready()
                     running += 1
                     nursery.start_soon(self._attempt, i, send)
@@ -112,6 +115,15 @@ class Scheduler:
         self._close_leftovers()
         self.result.wall_s = trio.current_time() - self._t0
         return self.result
+
+    def _over_budget(self) -> bool:
+        """Whether reported costs reached `max_cost_usd`: then nothing new starts."""
+        budget = self.spec.settings.max_cost_usd
+        if budget is None or self.spent_usd < budget:
+            return False
+        if self._budget_note is None:
+            self._budget_note = f"budget reached (max_cost_usd ${budget:g})"
+        return True
 
     async def _attempt(self, i: int, send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
         rec = self.records[i]
@@ -173,6 +185,9 @@ class Scheduler:
                     rec.metrics[key] += value
                 else:
                     rec.metrics[key] = value
+            cost = out.metrics.get("cost_usd")
+            if isinstance(cost, int | float):
+                self.spent_usd += cost
         if msg.status == "timeout":
             rec.exit_code = None
             rec.error = (f"timed out after {self.spec.timeout_s(i):g}s; "
@@ -189,7 +204,7 @@ class Scheduler:
         if (msg.status in ("failed", "timeout") and retryable and self._stopping is None
                 and rec.attempts < self.spec.max_attempts(i)):
             rec.status = msg.status
-            delay = self._backoff(i, rec.attempts)
+            delay = max(self._backoff(i, rec.attempts), (out and out.retry_after) or 0.0)
             self.progress.task_retrying(rec, delay)
             scope = trio.CancelScope()
             self._backoffs[i] = scope
@@ -229,7 +244,12 @@ class Scheduler:
         self._done(rec)
 
     def _close_leftovers(self) -> None:
-        why = self._stopping or "not reached"
+        if self._budget_note is not None:
+            budget = self.spec.settings.max_cost_usd
+            self.result.notes.append(
+                f"Budget reached: ${self.spent_usd:.4f} spent of max_cost_usd ${budget:g}; "
+                "no new task was started after that (running ones finished).")
+        why = self._stopping or self._budget_note or "not reached"
         for i in self.plan.drain():
             rec = self.records[i]
             if rec.status in ("pending", "running"):

@@ -58,6 +58,9 @@ class Outcome:
     pid: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     """Runner-reported facts such as cost_usd, input_tokens, output_tokens, turns."""
+    retry_after: float | None = None
+    """Seconds the service asked us to wait (HTTP 429 Retry-After); the retry waits at least
+    this long."""
 
 
 class Runner(Protocol):

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext as _nullcontext
 from pathlib import Path
 
 from ..inputs import compose_prompt, inputs_env
+from ..orphans import AgentRegistry
 from ..outputs import Staging, staging_for
 from ..process import KILL_GRACE_S, run_in_group
 from .base import Job, Outcome
@@ -29,12 +30,13 @@ class CommandRunner:
     name = "command"
 
     def __init__(self, base_env: Mapping[str, str] | None = None,
-                 grace: float = KILL_GRACE_S) -> None:
+                 grace: float = KILL_GRACE_S, registry: AgentRegistry | None = None) -> None:
         env = dict(os.environ if base_env is None else base_env)
         for key in CHILD_ENV_DROP:
             env.pop(key, None)
         self.base_env = env
         self.grace = grace
+        self.registry = registry
 
     def argv(self, job: Job, output: Path, prompt: str) -> list[str]:
         values = {
@@ -63,6 +65,12 @@ class CommandRunner:
             "DISPATCH_PROJECT": str(job.spec.root),
         })
         return env
+
+    def _registry_hooks(self, job: Job) -> dict[str, Callable[[int], None]]:
+        reg = self.registry
+        if reg is None:
+            return {}
+        return {"on_spawn": lambda pid: reg.add(pid, job.run_id), "on_reaped": reg.remove}
 
     def describe(self, job: Job) -> str:
         argv = self.argv(job, job.output_path, "<prompt>")
@@ -105,7 +113,8 @@ class CommandRunner:
                 try:
                     result = await run_in_group(
                         argv, cwd=str(job.spec.root), env=env,
-                        stdin=stdin, stdout=out, stderr=log, grace=self.grace)
+                        stdin=stdin, stdout=out, stderr=log, grace=self.grace,
+                        **self._registry_hooks(job))
                 except OSError as exc:
                     msg = f"cannot start '{argv[0]}': {exc.strerror or exc}"
                     log.write(f"error: {msg}\n".encode())

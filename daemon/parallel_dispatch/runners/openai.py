@@ -1,0 +1,294 @@
+"""OpenAI-compatible HTTP runner: streams a chat completion into the task's output.
+
+For any server speaking the OpenAI Chat Completions API — OpenAI, Ollama, vLLM,
+llama.cpp's server, LM Studio.  Followed: the OpenAI API reference for
+`POST /v1/chat/completions` with `stream: true` (server-sent events of
+`chat.completion.chunk`, ended by `data: [DONE]`; `stream_options.include_usage` adds a
+last chunk with `usage`) and the `Retry-After` header of 429 replies.
+
+httpx runs natively on trio (through anyio), so a task's timeout or a Ctrl-C cancels
+the request like any other attempt.  The reply is written to the staged output as it
+arrives; a failed attempt's partial text ends up in logs/<id>.failed.out.
+
+Config (`[runners.openai]` or `[agents.X]`): `base_url` (default `$OPENAI_BASE_URL`,
+else https://api.openai.com/v1), `model` (required unless the definition names one),
+`api_key_env` (the *name* of the variable holding the key; default OPENAI_API_KEY,
+sent only if set), `read_timeout` (seconds of silence before giving up; default: the
+task's timeout only).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..agents import AgentSpec
+from ..inputs import compose_prompt
+from ..outputs import Staging
+from .base import Job, Outcome
+from .command import CommandRunner, _header
+from .preset import model_family
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+CONNECT_TIMEOUT_S = 10.0
+MAX_RETRY_AFTER_S = 3600.0
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+
+
+class OpenAIError(Exception):
+    """One failed request, already phrased for the task's error."""
+
+    def __init__(self, message: str, retryable: bool = True,
+                 retry_after: float | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.status = status
+
+
+class OpenAIRunner(CommandRunner):
+    """Sends the prompt as the user message and the definition body as the system message."""
+
+    name = "openai"
+    executable: ClassVar[str | None] = None
+    docs: ClassVar[str] = "OpenAI Chat Completions API, streaming (SSE) and Retry-After"
+    version_args: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def accepts_model(cls, model: str) -> bool:
+        return model_family(model) in ("other", "provider")
+
+    def url(self, agent: AgentSpec) -> str:
+        base = agent.base_url or self.base_env.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        return base.rstrip("/") + "/chat/completions"
+
+    def describe(self, job: Job) -> str:
+        agent = job.agent
+        key = agent.api_key_env or DEFAULT_KEY_ENV
+        system = f"system prompt from {agent.definition.path.name}, " if agent.definition else ""
+        return (f"POST {self.url(agent)} model={agent.model}  ({system}prompt as the user "
+                f"message, streamed; key from ${key}; runner openai)")
+
+    def argv(self, job: Job, output: Path, prompt: str) -> list[str]:
+        return ["POST", self.url(job.agent)]
+
+    async def _run(self, job: Job, staging: Staging) -> Outcome:
+        agent = job.agent
+        url = self.url(agent)
+        job.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(job.log_path, "wb" if job.attempt == 1 else "ab") as log:
+            log.write(_header(job, ["POST", url, f"model={agent.model}"]).encode())
+            log.flush()
+            try:
+                metrics = await self._request(job, staging, url)
+            except OpenAIError as exc:
+                msg = f"openai runner: {exc}"
+                log.write(f"error: {msg}\n".encode())
+                return Outcome(ok=False, error=msg,
+                               retryable=exc.retryable, retry_after=exc.retry_after)
+            metrics["turns"] = 1
+            usage = ", ".join(f"{k} {v}" for k, v in metrics.items())
+            log.write(f"=== done: {usage or 'no usage reported'}\n".encode())
+        return Outcome(ok=True, metrics=metrics)
+
+    async def _request(self, job: Job, staging: Staging, url: str) -> dict[str, Any]:
+        import httpx  # imported here: validation and other runners never pay for it
+
+        agent = job.agent
+        env = self.env(job, staging.target)
+        key_name = agent.api_key_env or DEFAULT_KEY_ENV
+        key = env.get(key_name, "")
+        if agent.api_key_env and not key:
+            raise OpenAIError(f"${key_name} is not set; export the API key in it (api_key_env "
+                              f"in {agent.source}) or remove api_key_env for a keyless server",
+                              retryable=False)
+        headers = {"Accept": "text/event-stream"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        messages = []
+        if agent.system_prompt:
+            messages.append({"role": "system", "content": agent.system_prompt})
+        messages.append({"role": "user", "content": compose_prompt(job.spec, job.index)})
+        body = {"model": agent.model, "messages": messages, "stream": True,
+                "stream_options": {"include_usage": True}}
+        timeout = httpx.Timeout(CONNECT_TIMEOUT_S, read=agent.read_timeout)
+        try:
+            async with httpx.AsyncClient(timeout=timeout) as client, \
+                    client.stream("POST", url, json=body, headers=headers) as resp:
+                if resp.status_code >= 400:
+                    raise _http_error(resp.status_code, await _body(resp), resp.headers,
+                                      url, key_name, bool(key))
+                with open(staging.stdout, "w", encoding="utf-8") as out:
+                    if "text/event-stream" in resp.headers.get("content-type", ""):
+                        return await _stream(resp.aiter_lines(), out)
+                    return _whole(await _body(resp), out)
+        except httpx.ConnectError as exc:
+            raise OpenAIError(f"cannot connect to {url} ({exc}); is the server running and "
+                              "base_url right?") from None
+        except httpx.ConnectTimeout:
+            raise OpenAIError(f"connecting to {url} timed out after {CONNECT_TIMEOUT_S:g}s; "
+                              "is the server up?") from None
+        except httpx.ReadTimeout:
+            raise OpenAIError(f"no data from {url} for {agent.read_timeout:g}s "
+                              "(read_timeout); the server is overloaded or the model is slow: "
+                              "raise read_timeout") from None
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            raise OpenAIError(f"base_url {url!r} is not a valid http(s) URL ({exc})",
+                              retryable=False) from None
+        except httpx.RemoteProtocolError as exc:
+            raise OpenAIError(f"the server closed the connection before the reply ended "
+                              f"({exc})") from None
+        except httpx.HTTPError as exc:
+            raise OpenAIError(f"request to {url} failed: {exc!r}") from None
+
+
+async def _body(resp: Any, cap: int = 64 * 1024) -> bytes:
+    data = b""
+    async for chunk in resp.aiter_bytes():
+        data += chunk
+        if len(data) >= cap:
+            break
+    return data[:cap]
+
+
+def _server_message(body: bytes) -> str:
+    """The error text of an OpenAI-style error body, else the start of the body."""
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+    return text[:300] or "(empty body)"
+
+
+def retry_after_s(headers: Any, now: float | None = None) -> float | None:
+    """Seconds to wait from `Retry-After` (seconds or HTTP date) or `retry-after-ms`."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return min(max(float(ms) / 1000, 0.0), MAX_RETRY_AFTER_S)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError):
+            return None
+        seconds = when - (time.time() if now is None else now)
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def _http_error(status: int, body: bytes, headers: Any, url: str, key_name: str,
+                sent_key: bool) -> OpenAIError:
+    message = _server_message(body)
+    if status in (401, 403):
+        fix = (f"set ${key_name} to a valid key" if sent_key
+               else f"the server wants a key: export it as ${key_name} (or name another "
+                    "variable with api_key_env)")
+        return OpenAIError(f"bad credentials (HTTP {status}: {message}); {fix}",
+                           retryable=False, status=status)
+    if status == 404:
+        return OpenAIError(f"HTTP 404 from {url}: {message}; check base_url (most servers "
+                           "want it to end in /v1) and the model name", retryable=False,
+                           status=status)
+    if status == 429:
+        wait = retry_after_s(headers)
+        hint = f"retry after {wait:g}s" if wait is not None else "retry later"
+        return OpenAIError(f"rate limited (HTTP 429: {message}); {hint}", retryable=True,
+                           retry_after=wait, status=status)
+    if status in RETRYABLE_STATUS:
+        return OpenAIError(f"server error (HTTP {status}: {message})", retryable=True,
+                           retry_after=retry_after_s(headers), status=status)
+    return OpenAIError(f"request rejected (HTTP {status}: {message}); check model and "
+                       "base_url", retryable=False, status=status)
+
+
+async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The `data` of each server-sent event (multi-line data joined by newlines)."""
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield "\n".join(data)
+
+
+async def _stream(lines: AsyncIterator[str], out: Any) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    finished = False
+    last = ""
+    async for data in _sse_data(lines):
+        if data.strip() == "[DONE]":
+            finished = True
+            break
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            continue
+        if not isinstance(chunk, dict):
+            continue
+        if "error" in chunk:
+            raise OpenAIError(f"the server reported an error mid-stream: "
+                              f"{_server_message(data.encode())}")
+        _usage(chunk, metrics)
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") or {}
+            text = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(text, str) and text:
+                out.write(text)
+                out.flush()
+                last = text
+            if choice.get("finish_reason"):
+                finished = True
+    if not finished:
+        raise OpenAIError("the stream ended before the reply was finished (no finish_reason "
+                          "and no [DONE])")
+    if last and not last.endswith("\n"):
+        out.write("\n")
+    return metrics
+
+
+def _whole(body: bytes, out: Any) -> dict[str, Any]:
+    """A server that ignored `stream: true` and sent one JSON completion."""
+    try:
+        data = json.loads(body)
+        text = data["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise OpenAIError(f"unexpected reply (not a chat completion): {body[:200]!r}") from None
+    metrics: dict[str, Any] = {}
+    _usage(data, metrics)
+    text = text or ""
+    out.write(text + ("" if not text or text.endswith("\n") else "\n"))
+    return metrics
+
+
+def _usage(chunk: dict[str, Any], metrics: dict[str, Any]) -> None:
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        for src, dst in (("prompt_tokens", "input_tokens"),
+                         ("completion_tokens", "output_tokens")):
+            value = usage.get(src)
+            if isinstance(value, int) and not isinstance(value, bool):
+                metrics[dst] = value

@@ -1,0 +1,352 @@
+"""What every coding-agent CLI preset shares: build argv, run it like a command agent, parse.
+
+A preset (claude.py, codex.py, ...) only knows its tool: how to pass the prompt (always
+stdin, so long or untrusted text never meets a shell or the argv limit), how to pass the
+agent definition's system prompt and model, and how to read the result.  Everything
+else is `CommandRunner`'s machinery: the staging area, DISPATCH_* variables, stderr to
+logs/<id>.log, the process group that dies with the task.
+
+The difference from a command agent: stdout is captured to a private file and parsed,
+and only the *result text* is written to the task's output.  Cost and token counts
+land in `Outcome.metrics` (cost_usd, input_tokens, output_tokens, turns, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..agents import AgentSpec
+from ..inputs import compose_prompt
+from ..outputs import Staging, staging_for
+from ..process import run_in_group
+from .base import Job, Outcome
+from .command import CommandRunner, _exit_message, _header
+
+ARG_SAFE_BYTES = 100_000
+"""Linux refuses one argv string over 128 KiB (MAX_ARG_STRLEN); longer system prompts take
+a file or stdin instead."""
+STDERR_KEEP = 64 * 1024
+
+CLAUDE_ALIASES = frozenset({"sonnet", "opus", "haiku", "opusplan", "default"})
+GEMINI_ALIASES = frozenset({"auto", "pro", "flash", "flash-lite"})
+
+AUTH_PATTERNS = re.compile(
+    r"invalid api key|please run /login|\b401\b|unauthori[sz]ed|not logged in|no key found|"
+    r"api key is missing|authentication|auth method|permission denied.*api key",
+    re.IGNORECASE)
+
+
+def model_family(model: str) -> str:
+    """Which tool a model name is meant for, so a Claude definition's `model: sonnet` is
+    not handed to codex or gemini (they would fail on it)."""
+    m = model.strip().lower()
+    if m in CLAUDE_ALIASES:
+        return "claude-alias"
+    if m in GEMINI_ALIASES:
+        return "gemini-alias"
+    if "/" in m:
+        return "provider"
+    if m.startswith("claude"):
+        return "claude"
+    if m.startswith("gemini"):
+        return "gemini"
+    return "other"
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string: what codex's `-c key=value` parses (json.dumps is not quite it:
+    it writes surrogate pairs and leaves DEL unescaped, both invalid TOML)."""
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def jsonl(data: bytes) -> Iterator[dict[str, Any]]:
+    """JSON objects, one per line; other lines (warnings, banners) are skipped."""
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                yield obj
+
+
+def json_object(data: bytes | str) -> dict[str, Any] | None:
+    """The one JSON object a tool printed (whole text, else its last JSON line)."""
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        obj = json.loads(text)
+        return obj if isinstance(obj, dict) else None
+    except ValueError:
+        pass
+    start = text.find("{")
+    if start > 0:  # a warning line before a pretty-printed object
+        try:
+            obj = json.loads(text[start:])
+            if isinstance(obj, dict):
+                return obj
+        except ValueError:
+            pass
+    objs = list(jsonl(text.encode()))
+    return objs[-1] if objs else None
+
+
+def last_line(text: str, prefix: str = "") -> str:
+    """The last non-empty line (starting with `prefix`, if given) of a tool's stderr."""
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line and not line.startswith("=== ") and line.startswith(prefix):
+            return line
+    return ""
+
+
+def number(value: Any) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value
+
+
+def add(metrics: dict[str, Any], key: str, value: Any) -> None:
+    """Add a reported number to a metric, ignoring anything that is not a number."""
+    n = number(value)
+    if n is not None:
+        metrics[key] = metrics.get(key, 0) + n
+
+
+@dataclass
+class Parsed:
+    """What a preset made of the tool's exit code, stdout and stderr."""
+
+    ok: bool
+    text: str | None = None
+    error: str | None = None
+    retryable: bool = True
+    metrics: dict[str, Any] = field(default_factory=dict)
+    retry_after: float | None = None
+
+
+@dataclass
+class Invocation:
+    argv: list[str]
+    stdin: str
+    env: dict[str, str] = field(default_factory=dict)
+    files: dict[Path, str] = field(default_factory=dict)
+    """Files to write before the tool starts (a system prompt file, say)."""
+
+
+@dataclass
+class Call:
+    """One attempt as a preset sees it; `show` builds the argv for plans, with labels."""
+
+    job: Job
+    prompt: str
+    scratch: Path
+    """Private folder for capture files; lives inside the staging area."""
+    show: bool = False
+    _temps: list[Path] = field(default_factory=list)
+
+    @property
+    def agent(self) -> AgentSpec:
+        return self.job.agent
+
+    @property
+    def system_prompt(self) -> str:
+        return self.agent.system_prompt
+
+    @property
+    def body(self) -> str:
+        """The system prompt as it goes into argv; a short label when only showing."""
+        if self.show and self.system_prompt:
+            d = self.agent.definition
+            where = _rel(d.path, self.job.spec.root) if d is not None else "config"
+            return f"<system prompt: {where}>"
+        return self.system_prompt
+
+    def argv_safe(self, text: str) -> bool:
+        return len(text.encode("utf-8")) <= ARG_SAFE_BYTES
+
+    def with_system_prompt(self) -> str:
+        """The prompt with the system prompt in front: the fallback when a tool has no
+        other way (or the body is too long for argv)."""
+        if not self.system_prompt:
+            return self.prompt
+        return f"{self.system_prompt}\n\n---\n\n{self.prompt}"
+
+    def tempdir(self, runner: str) -> Path:
+        """A private temp folder with a lower-case path (older gemini builds lower-case
+        GEMINI_SYSTEM_MD before opening it)."""
+        if self.show:
+            return Path(tempfile.gettempdir()) / f"pd-{runner}-xxxx"
+        path = Path(tempfile.mkdtemp(prefix=f"pd-{runner}-"))
+        self._temps.append(path)
+        return path
+
+    def cleanup(self) -> None:
+        for path in self._temps:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+class PresetRunner(CommandRunner):
+    """Base of the subprocess presets: subclasses implement `build` and `parse`."""
+
+    name: ClassVar[str] = "preset"
+    executable: ClassVar[str] = ""
+    docs: ClassVar[str] = ""
+    """Which CLI version and documentation the preset follows."""
+    install_hint: ClassVar[str] = ""
+    auth_hint: ClassVar[str] = ""
+    version_args: ClassVar[tuple[str, ...]] = ("--version",)
+    model_families: ClassVar[frozenset[str]] = frozenset({"other"})
+
+    @classmethod
+    def accepts_model(cls, model: str) -> bool:
+        """Whether a definition's frontmatter `model` means something to this tool."""
+        return model_family(model) in cls.model_families
+
+    # -- to implement ------------------------------------------------------------
+    def build(self, call: Call) -> Invocation:
+        raise NotImplementedError
+
+    def parse(self, call: Call, code: int, stdout: bytes, stderr: str) -> Parsed:
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------
+    def prefix(self, agent: AgentSpec) -> list[str]:
+        """The executable (or the user's replacement, e.g. `npx -y @openai/codex`)."""
+        return list(agent.command) if agent.command else [self.executable]
+
+    def auth_error(self, message: str) -> Parsed:
+        return Parsed(ok=False, retryable=False,
+                      error=f"bad credentials ({message.strip()}); {self.auth_hint}")
+
+    def failure(self, message: str, code: int | None = None) -> Parsed:
+        """A failure classified by its text: credentials (final), transient (retryable)."""
+        message = message.strip() or (_exit_message(code) if code else "failed")
+        if AUTH_PATTERNS.search(message):
+            return self.auth_error(message)
+        suffix = f" (exit code {code})" if code else ""
+        return Parsed(ok=False, error=message + suffix, retryable=True)
+
+    def describe(self, job: Job) -> str:
+        call = self._call(job, _staging_guess(job), show=True)
+        inv = self.build(call)
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in inv.env.items())
+        notes = "".join(f"; {n}" for n in job.agent.notes)
+        return (f"{env + ' ' if env else ''}{shlex.join(inv.argv)}  "
+                f"(prompt on stdin; runner {self.name}{notes})")
+
+    def argv(self, job: Job, output: Path, prompt: str) -> list[str]:
+        return self.build(self._call(job, _staging_guess(job), show=True)).argv
+
+    def _call(self, job: Job, staging: Staging, show: bool = False) -> Call:
+        prompt = "<prompt>" if show else compose_prompt(job.spec, job.index)
+        scratch = staging.root / f"{staging.target.name}.runner"
+        return Call(job=job, prompt=prompt, scratch=scratch, show=show)
+
+    async def _run(self, job: Job, staging: Staging) -> Outcome:
+        call = self._call(job, staging)
+        try:
+            return await self._invoke(call, staging)
+        finally:
+            call.cleanup()
+
+    async def _invoke(self, call: Call, staging: Staging) -> Outcome:
+        job = call.job
+        inv = self.build(call)
+        env = self.env(job, staging.target)
+        env.update(inv.env)
+        job.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(job.log_path, "wb" if job.attempt == 1 else "ab") as log:
+            log.write(_header(job, inv.argv).encode())
+            log.flush()
+            if shutil.which(inv.argv[0], path=env.get("PATH")) is None:
+                msg = (f"{self.name} runner: '{inv.argv[0]}' not found on PATH (agent "
+                       f"'{job.task.agent}', {job.agent.source}); {self.install_hint}")
+                log.write(f"error: {msg}\n".encode())
+                return Outcome(ok=False, error=msg, retryable=False)
+            call.scratch.mkdir(parents=True, exist_ok=True)
+            for path, text in inv.files.items():
+                path.write_text(text, encoding="utf-8")
+            capture = call.scratch / "stdout"
+            offset = log.tell()
+            with open(capture, "wb") as out:
+                try:
+                    result = await run_in_group(
+                        inv.argv, cwd=str(job.spec.root), env=env, stdin=inv.stdin.encode(),
+                        stdout=out, stderr=log, grace=self.grace, **self._registry_hooks(job))
+                except OSError as exc:
+                    msg = f"{self.name} runner: cannot start '{inv.argv[0]}': {exc.strerror or exc}"
+                    log.write(f"error: {msg}\n".encode())
+                    return Outcome(ok=False, error=msg, retryable=False)
+            stdout = capture.read_bytes()
+            parsed = self.parse(call, result.returncode, stdout, _read_from(job.log_path, offset))
+            log.write(f"=== exit code {result.returncode}\n".encode())
+            if not parsed.ok:
+                msg = f"{self.name} runner: {parsed.error}"
+                log.write(f"error: {msg}\n".encode())
+                if stdout.strip():
+                    log.write(b"=== stdout of the failed call:\n" + stdout[-STDERR_KEEP:] + b"\n")
+                return Outcome(ok=False, exit_code=result.returncode, pid=result.pid, error=msg,
+                               retryable=parsed.retryable, metrics=parsed.metrics,
+                               retry_after=parsed.retry_after)
+        text = parsed.text or ""
+        if text and not text.endswith("\n"):
+            text += "\n"
+        staging.stdout.write_text(text, encoding="utf-8")
+        return Outcome(ok=True, exit_code=result.returncode, pid=result.pid,
+                       metrics=parsed.metrics)
+
+
+def _staging_guess(job: Job) -> Staging:
+    """Where an attempt *would* stage (for describe/plan); nothing is created."""
+    return staging_for(job.spec, job.index, job.run_id, job.attempt)
+
+
+def _read_from(path: Path, offset: int) -> str:
+    """What the tool wrote to stderr (the log past `offset`), at most the last 64 KiB."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            end = fh.tell()
+            fh.seek(max(offset, end - STDERR_KEEP))
+            data = fh.read()
+    except OSError:
+        return ""
+    return data.decode("utf-8", errors="replace")

@@ -1,0 +1,119 @@
+"""Which runner runs which task: a `Runner` that routes each job by its agent's preset.
+
+The scheduler is given one runner; a run mixes command agents, `shell` and agents
+run by presets, so `RunnerSet` picks per job (`job.agent.runner`, None meaning the
+plain command runner).  Presets are created on first use and share one base
+environment, so `DryRunRunner(RunnerSet())` shows each preset's real argv.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..config import RUNNER_NAMES
+from ..orphans import AgentRegistry
+from ..process import KILL_GRACE_S
+from .base import Job, Outcome
+from .claude import ClaudeRunner
+from .codex import CodexRunner
+from .command import CommandRunner
+from .gemini import GeminiRunner
+from .llm import LlmRunner
+from .openai import OpenAIRunner
+from .opencode import OpencodeRunner
+
+PRESETS: dict[str, type[CommandRunner]] = {
+    "claude": ClaudeRunner,
+    "codex": CodexRunner,
+    "gemini": GeminiRunner,
+    "opencode": OpencodeRunner,
+    "llm": LlmRunner,
+    "openai": OpenAIRunner,
+}
+assert tuple(PRESETS) == RUNNER_NAMES, "config.RUNNER_NAMES and PRESETS must agree"
+
+CLI_PRESETS = ("claude", "codex", "gemini", "opencode", "llm")
+"""Presets that run a local executable (the default runner is picked among these)."""
+
+
+def accepts_model(runner: str, model: str) -> bool:
+    """Whether a definition's frontmatter model means something to `runner`."""
+    return PRESETS[runner].accepts_model(model)  # type: ignore[attr-defined, no-any-return]
+
+
+def executable(runner: str) -> str | None:
+    return getattr(PRESETS[runner], "executable", None)
+
+
+class RunnerSet:
+    """Routes each job to the command runner or to its agent's preset."""
+
+    name = "auto"
+
+    def __init__(self, base_env: Mapping[str, str] | None = None,
+                 grace: float = KILL_GRACE_S, registry: AgentRegistry | None = None) -> None:
+        self.command = CommandRunner(base_env, grace, registry=registry)
+        self._env = self.command.base_env
+        self._grace = grace
+        self._registry = registry
+        self._presets: dict[str, CommandRunner] = {}
+
+    def runner_for(self, job: Job) -> CommandRunner:
+        name = job.agent.runner
+        if name is None:
+            return self.command
+        runner = self._presets.get(name)
+        if runner is None:
+            runner = self._presets[name] = PRESETS[name](self._env, self._grace,
+                                                          registry=self._registry)
+        return runner
+
+    def describe(self, job: Job) -> str:
+        return self.runner_for(job).describe(job)
+
+    async def run(self, job: Job) -> Outcome:
+        return await self.runner_for(job).run(job)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What `doctor` found out about one CLI."""
+
+    runner: str
+    path: str | None
+    version: str | None
+    problem: str | None = None
+
+
+def probe(runner: str, path_env: str | None = None, timeout: float = 10.0,
+          prefix: list[str] | None = None) -> Probe:
+    """Find a preset's executable and ask it for `--version` (stdin closed, time-limited).
+
+    `prefix` is a configured replacement executable (`[runners.X] command`).
+    """
+    import shutil
+
+    cls = PRESETS[runner]
+    exe = prefix[0] if prefix else getattr(cls, "executable", None)
+    if not exe:
+        return Probe(runner, None, None, "no executable (HTTP runner)")
+    path = shutil.which(exe, path=path_env)
+    if path is None:
+        return Probe(runner, None, None, f"'{exe}' not found on PATH")
+    argv = [path, *(prefix[1:] if prefix else []), *getattr(cls, "version_args", ("--version",))]
+    shown = " ".join([exe, *argv[1:]])
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return Probe(runner, path, None, f"`{shown}` did not answer in {timeout:g}s")
+    except OSError as exc:
+        return Probe(runner, path, None, f"cannot run {path}: {exc.strerror or exc}")
+    text = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
+    if proc.returncode != 0:
+        first = text[0] if text else ""
+        return Probe(runner, path, None,
+                     f"`{shown}` exited with code {proc.returncode} {first}".strip())
+    return Probe(runner, path, text[0] if text else "(no version printed)")
