@@ -45,7 +45,7 @@ from .watcher import is_task_file, static_root, watch
 log = logging.getLogger("parallel_dispatch")
 
 DEFAULT_GLOBAL_PARALLEL = 8
-DEBOUNCE_S = 0.02
+DEBOUNCE_S = 0.005
 STATUS_FILE = ".aiwg/dispatch-daemon.json"
 
 

@@ -27,7 +27,7 @@ _IGNORED = re.compile(
     re.VERBOSE | re.IGNORECASE,
 )
 
-STEP_MS = 20
+STEP_MS = 10
 """watchfiles yields once no new event arrived for this long: bursts of writes
 from one save become one batch, and reaction time stays in tens of ms."""
 RUST_TIMEOUT_MS = 1000
