@@ -35,7 +35,7 @@ from .orphans import REGISTRY_DIR, AgentRegistry
 from .progress import PlainProgress
 from .report import write_error_report
 from .result import RunResult, TaskRecord
-from .runners import CommandRunner
+from .runners import RunnerSet
 from .scheduler import Scheduler
 from .sdnotify import Notifier, watchdog_loop
 from .spec import DispatchSpec
@@ -47,6 +47,8 @@ log = logging.getLogger("parallel_dispatch")
 DEFAULT_GLOBAL_PARALLEL = 8
 DEBOUNCE_S = 0.005
 STATUS_FILE = ".aiwg/dispatch-daemon.json"
+CANARY = ".dispatch-watch-canary"
+"""Written into the tasks folder to learn when the file watcher is live."""
 
 
 @dataclass(eq=False)
@@ -115,7 +117,7 @@ class Daemon:
         self.force = force
         self.notifier = notifier or Notifier(unset_environment=True)
         self.registry = AgentRegistry(self.project)
-        self.runner = CommandRunner(registry=self.registry)
+        self.runner = RunnerSet(registry=self.registry)
         self.files: dict[Path, TaskFileState] = {}
         self.config = ProjectConfig(root=self.project)
         self.stopping = False
@@ -123,6 +125,7 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._status_dirty = trio.Event()
         self._watching: set[Path] = set()
+        self._watch_live = trio.Event()
         self.started_at = now_iso()
 
     # -- lifecycle ------------------------------------------------------------------
@@ -143,13 +146,18 @@ class Daemon:
                 for path in sorted(self.tasks_dir.rglob("*")):
                     if path.is_file() and is_task_file(path.relative_to(self.tasks_dir)):
                         self._touch(path)
-                log.info("watching %s (%d task files, global max_parallel %d)",
-                         self.tasks_dir, len(self.files), self.max_parallel)
-                self.notifier.ready(self._status_text())
+                runs.start_soon(self._announce)
                 await self._watch_loop()
             services.cancel_scope.cancel()
         self._remove_status()
         log.info("stopped")
+
+    async def _announce(self) -> None:
+        """Ready once the watcher is up: rescan for files dropped while it started."""
+        await self._rescan()
+        log.info("watching %s (%d task files, global max_parallel %d)",
+                 self.tasks_dir, len(self.files), self.max_parallel)
+        self.notifier.ready(self._status_text())
 
     def shutdown(self, why: str) -> None:
         if self.stopping:
@@ -193,7 +201,7 @@ class Daemon:
         while not self.stopping:
             self._stop_watch = trio.Event()
             self._watching = roots = self._roots()
-            if not first:
+            if not first:  # (the first rescan is `_announce`'s)
                 assert self._nursery is not None
                 self._nursery.start_soon(self._rescan)
             first = False
@@ -207,13 +215,25 @@ class Daemon:
             self._stop_watch.set()
 
     async def _rescan(self) -> None:
-        """Catch what changed while the watcher was being replaced."""
-        await trio.sleep(0.2)
+        """Catch what changed while the watcher was (re)starting.
+
+        watchfiles sets up its inotify watches some time after its generator
+        first runs.  A canary file written into the tasks folder tells us when
+        they are live; whatever appeared or changed before that is found here.
+        """
+        live = self._watch_live = trio.Event()
+        canary = self.tasks_dir / CANARY
+        with trio.move_on_after(5):
+            while not live.is_set():
+                canary.write_text(str(os.getpid()))
+                with trio.move_on_after(0.25):
+                    await live.wait()
+        canary.unlink(missing_ok=True)
         for path in sorted(self.tasks_dir.rglob("*")):
             if not (path.is_file() and is_task_file(path.relative_to(self.tasks_dir))):
                 continue
             fs = self.files.get(path)
-            if fs is None or fs.mtime_ns != _mtime_ns(path):
+            if fs is None or (fs.mtime_ns and fs.mtime_ns != _mtime_ns(path)):
                 self._touch(path)
         for fs in list(self.files.values()):
             if fs.patterns and fs.files_hash != hash_files(self.project, fs.patterns):
@@ -228,6 +248,8 @@ class Daemon:
 
     def _keep(self, change: Change, raw: str) -> bool:
         path = Path(raw)
+        if path.name == CANARY and path.parent == self.tasks_dir:
+            return change != Change.deleted
         if path.is_relative_to(self.tasks_dir):
             return is_task_file(path.relative_to(self.tasks_dir))
         if path.is_relative_to(self.project / REGISTRY_DIR) or any(
@@ -241,6 +263,9 @@ class Daemon:
         return any(fnmatch.fnmatchcase(raw, p) for p in fs.patterns)
 
     def _on_change(self, path: Path) -> None:
+        if path.name == CANARY and path.parent == self.tasks_dir:
+            self._watch_live.set()
+            return
         if path.is_relative_to(self.tasks_dir):
             self._touch(path)
             return
