@@ -105,8 +105,8 @@ class LiveProgress(PlainProgress):
         if len(names) > 4:
             shown += f", +{len(names) - 4}"
         width = 200
-        status = (f"[{self.done}/{self.total}] {now - self.t0:.0f}s elapsed · "
-                  f"running {len(names)}: {shown}")[:width]
+        running = f"running {len(names)}: {shown}" if names else "nothing running"
+        status = f"[{self.done}/{self.total}] {now - self.t0:.0f}s elapsed · {running}"[:width]
         self._clear()
         self.stream.write(status)
         self.stream.flush()
