@@ -62,8 +62,8 @@ class AgentProject:
         return [c for c in calls if tool is None or c["tool"] == tool]
 
     def call_for(self, task_prompt_start: str) -> dict[str, Any]:
-        """The one recorded call whose prompt contains `task_prompt_start`."""
-        found = [c for c in self.calls() if task_prompt_start in c.get("prompt", "")]
+        """The one recorded call whose prompt starts with `task_prompt_start`."""
+        found = [c for c in self.calls() if c.get("prompt", "").startswith(task_prompt_start)]
         assert len(found) == 1, (task_prompt_start, [c.get("prompt") for c in self.calls()])
         return found[0]
 

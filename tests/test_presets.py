@@ -403,7 +403,7 @@ def test_hanging_cli_times_out_and_its_process_dies(ap: AgentProject) -> None:
     assert ap.run("t.yaml").returncode == 1
     assert ap.task("a")["status"] == "timeout"
     assert ap.task("b")["status"] == "succeeded"
-    pid = ap.call_for("A")["pid"]
+    pid = ap.call_for("[fake mode=hang_hard]")["pid"]
     assert wait_until(lambda: not pid_alive(pid), timeout=10)
 
 
@@ -470,8 +470,8 @@ def test_star_runner_requires_a_definition(ap: AgentProject) -> None:
 
 @pytest.mark.parametrize(("toml", "needle"), [
     ('[agents.x]\nrunner = "claud"\n', "agents.x.runner"),
-    ('[agents.x]\ncommand = ["a"]\nmodel = "m"\n', "model only apply to runner presets"),
-    ('[agents.x]\nrunner = "claude"\nprompt = "arg"\n', "prompt only apply to command agents"),
+    ('[agents.x]\ncommand = ["a"]\nmodel = "m"\n', "only runner presets use model"),
+    ('[agents.x]\nrunner = "claude"\nprompt = "arg"\n', "only command agents use prompt"),
     ('[runners.nope]\nmodel = "m"\n', "runners.nope"),
     ('[defaults]\nrunner = "gpt"\n', "defaults.runner"),
     ('[defaults]\nmax_cost_usd = 0\n', "defaults.max_cost_usd"),
@@ -510,3 +510,29 @@ def test_toml_written_by_init_is_accepted_by_validation(ap: AgentProject) -> Non
     data = tomllib.loads((ap.root / ".aiwg/dispatch.toml").read_text())
     assert data["defaults"]["runner"] == "claude"  # the fake claude is on PATH
     assert ap.run("validate", ".aiwg/tasks/example.yaml").returncode == 0
+
+
+def test_architecture_review_example_runs_on_claude_code_agents(ap: AgentProject) -> None:
+    """docs/runners.md's walkthrough: the reference example against .claude/agents/."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    agents = ap.root / ".claude/agents"
+    agents.mkdir(parents=True)
+    for src in (examples / "claude-agents").glob("*.md"):
+        (agents / src.name).write_text(src.read_text())
+    (ap.root / "tasks.yaml").write_text((examples / "architecture-review.yaml").read_text())
+    proc = ap.run("tasks.yaml")
+    assert proc.returncode == 0, proc.stderr
+    out = ap.root / ".aiwg/working/reviews"
+    assert (out / "final-review.md").read_text() == \
+        "RESULT: Synthesize all reviews into final assessment\n"
+    synthesis = ap.call_for("Synthesize all reviews")
+    assert synthesis["argv"][synthesis["argv"].index("--model") + 1] == "opus"
+    for dep in ("security-review", "test-review", "ops-review"):
+        assert f"### {dep} (agent: " in synthesis["stdin"]
+    security = ap.call_for("Review architecture at")
+    body = (agents / "security-architect.md").read_text().split("---\n", 2)[2].strip()
+    assert security["argv"][security["argv"].index("--append-system-prompt") + 1] == body
+    assert security["argv"][-2:] == ["--allowedTools", "Read,Grep,Glob"]
+    report = json.loads((out / "dispatch-report.json").read_text())
+    assert report["summary"]["cost_usd"] == pytest.approx(4 * 0.0123)
+    assert "## Cost and tokens" in (out / "dispatch-report.md").read_text()

@@ -79,12 +79,12 @@ class AgentConfig(RunnerConfig):
             preset_only = {"model", "args", "base_url", "api_key_env", "read_timeout"}
             given = sorted(preset_only & self.model_fields_set)
             if given:
-                raise ValueError(f"{', '.join(given)} only apply to runner presets; "
+                raise ValueError(f"only runner presets use {', '.join(given)}; "
                                  "set runner = \"claude\" (or another preset) or remove them")
         else:
             given = sorted({"prompt", "output"} & self.model_fields_set)
             if given:
-                raise ValueError(f"{', '.join(given)} only apply to command agents; a runner "
+                raise ValueError(f"only command agents use {', '.join(given)}; a runner "
                                  "preset decides how the prompt and the result travel")
         return self
 
