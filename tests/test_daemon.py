@@ -425,3 +425,30 @@ def test_status_command(project: Project, daemons: list[Daemon]) -> None:
     out = subprocess.run([sys.executable, "-m", "parallel_dispatch", "status", str(project.root)],
                          capture_output=True, text=True, env=cli_env())
     assert "daemon: not running" in out.stdout
+
+
+def test_agent_definition_change_reruns_its_tasks(project: Project, daemons: list[Daemon],
+                                                  tmp_path: Path) -> None:
+    """Claude Code agents (the fake `claude` first on PATH): editing a definition re-runs
+    the tasks that use it, and only those."""
+    from preset_support import make_agent_project
+
+    ap = make_agent_project(project, tmp_path)
+    ap.define("security-architect", body="You review security. v1")
+    project.write(".aiwg/tasks/defs.yaml", """\
+        tasks:
+          - {id: sec, agent: security-architect, prompt: "Review it", output: sec.md}
+          - {id: sh, agent: shell, prompt: "echo plain", output: sh.txt}
+    """)
+    d = Daemon(project, env=ap.env)
+    daemons.append(d)
+    r1 = wait_report(project, "defs")
+    assert r1["status"] == "succeeded", r1
+    assert len(ap.calls("claude")) == 1
+    d.wait_log("watching")
+    ap.define("security-architect", body="You review security. v2")
+    r2 = wait_report(project, "defs", after=str(r1["run_id"]))
+    st = {t["id"]: t["status"] for t in r2["tasks"]}  # type: ignore[index, union-attr]
+    assert st == {"sec": "succeeded", "sh": "cached"}
+    calls = ap.calls("claude")
+    assert len(calls) == 2 and "v2" in json.dumps(calls[-1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Any
 import trio
 from watchfiles import Change
 
+from .agentdefs import search_dirs
 from .api import now_iso, run_spec
 from .atomic import write_text
 from .config import BUILTIN_DEFAULTS, ProjectConfig, load_config
@@ -68,6 +70,9 @@ class TaskFileState:
     runs: int = 0
     mtime_ns: int = 0
     files_hash: str = ""
+    source_hash: str = ""
+    uses_definitions: bool = False
+    invalid: bool = False
 
 
 class _FileProgress(PlainProgress):
@@ -126,6 +131,7 @@ class Daemon:
         self._status_dirty = trio.Event()
         self._watching: set[Path] = set()
         self._watch_live = trio.Event()
+        self._def_dirs: list[Path] = []
         self.started_at = now_iso()
 
     # -- lifecycle ------------------------------------------------------------------
@@ -184,6 +190,7 @@ class Daemon:
         self.notifier.reloading()
         ok = self._load_config()
         log.info("configuration %s", "reloaded" if ok else "kept (the new one is invalid)")
+        self._rewatch_if_needed()  # e.g. an agent-definition folder that appeared since
         self.notifier.ready(self._status_text())
 
     def _load_config(self) -> bool:
@@ -240,7 +247,9 @@ class Daemon:
                 self._touch(fs.path)
 
     def _roots(self) -> set[Path]:
-        roots = {self.tasks_dir}
+        """What to watch; also refreshes the agent-definition folders seen in events."""
+        self._def_dirs = [d for d in search_dirs(self.project) if d.is_dir()]
+        roots = {self.tasks_dir, *self._def_dirs}
         for fs in self.files.values():
             for pattern in fs.patterns:
                 roots.add(static_root(pattern, self.project))
@@ -252,6 +261,8 @@ class Daemon:
             return change != Change.deleted
         if path.is_relative_to(self.tasks_dir):
             return is_task_file(path.relative_to(self.tasks_dir))
+        if path.suffix == ".md" and any(path.is_relative_to(d) for d in self._def_dirs):
+            return True
         if path.is_relative_to(self.project / REGISTRY_DIR) or any(
                 fs.output_dir is not None and path.is_relative_to(fs.output_dir)
                 for fs in self.files.values()):
@@ -267,7 +278,13 @@ class Daemon:
             self._watch_live.set()
             return
         if path.is_relative_to(self.tasks_dir):
-            self._touch(path)
+            self._touch(path, content_event=True)
+            return
+        if any(path.is_relative_to(d) for d in self._def_dirs):
+            for fs in list(self.files.values()):
+                if fs.uses_definitions or fs.invalid:
+                    log.info("[%s] agent definition %s changed", fs.name, path.name)
+                    self._touch(fs.path)
             return
         for fs in self.files.values():
             if self._matches(fs, str(path)):
@@ -275,8 +292,13 @@ class Daemon:
                          if path.is_relative_to(self.project) else path)
                 self._touch(fs.path)
 
-    def _touch(self, path: Path) -> None:
-        """Mark a task file dirty (starting its loop if new); interrupt its run."""
+    def _touch(self, path: Path, content_event: bool = False) -> None:
+        """Mark a task file dirty (starting its loop if new); interrupt its run.
+
+        With `content_event` (an event on the task file itself), a file whose
+        bytes equal the version last loaded is left alone: one save can arrive
+        as several event batches, and a no-op save must not restart a run.
+        """
         fs = self.files.get(path)
         if fs is None:
             if not path.exists() or self.stopping:
@@ -285,6 +307,8 @@ class Daemon:
             assert self._nursery is not None
             self._nursery.start_soon(self._file_loop, fs)
         else:
+            if content_event and fs.source_hash and fs.source_hash == _sha256(path):
+                return
             fs.initial = False
         fs.last_change = trio.current_time()
         if fs.scheduler is not None:
@@ -313,8 +337,12 @@ class Daemon:
             spec = load_spec(fs.path, config=self.config, default_subdir=fs.name)
         except TaskFileError as exc:
             if fs.path.exists():
+                fs.source_hash = _sha256(fs.path)
                 self._invalid(fs, exc.diagnostics)
             return
+        fs.source_hash = spec.source_hash
+        fs.invalid = False
+        fs.uses_definitions = any(a.definition is not None for a in spec.agents)
         clash = self._claimed_by_other(fs, spec.settings.output_dir)
         if clash is not None:
             self._invalid(fs, [Diagnostic(
@@ -375,6 +403,7 @@ class Daemon:
         return None
 
     def _invalid(self, fs: TaskFileState, diagnostics: list[Diagnostic]) -> None:
+        fs.invalid = True
         out = fs.output_dir or self._default_output(fs)
         for d in diagnostics:
             log.error("[%s] %s", fs.name, d.format())
@@ -442,6 +471,13 @@ class Daemon:
     def _remove_status(self) -> None:
         with contextlib.suppress(OSError):
             (self.project / STATUS_FILE).unlink()
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def _mtime_ns(path: Path) -> int:
