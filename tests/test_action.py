@@ -364,3 +364,24 @@ def test_summary_is_cut_by_section_when_the_file_is_nearly_full(
     assert "## Summary\n\nall here" in added and "## End\n\nok" in added
     assert "Truncated" in added and "`out/dispatch-report.md`" in added
     assert added.count("```") == 2
+
+
+def test_example_workflow_files_validate() -> None:
+    """The files .github/workflows/dispatch-example.yml points at exist and are valid."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    workflow = (repo / ".github/workflows/dispatch-example.yml").read_text()
+    assert "task-file: examples/pr-review.yaml" in workflow
+    assert "config: examples/pr-review.toml" in workflow
+    env = dict(os.environ, PATH=f"{repo / 'tests/fakes/bin'}{os.pathsep}{os.environ['PATH']}")
+    out = subprocess.run(
+        [sys.executable, "-m", "parallel_dispatch", "plan", "examples/pr-review.yaml",
+         "--config", "examples/pr-review.toml"],
+        cwd=repo, env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "claude -p --output-format json --allowedTools" in out.stdout
+    assert "Critical path:" in out.stdout
