@@ -222,6 +222,29 @@ def test_sigterm_leaves_no_agent_and_writes_partial_report(project: Project,
     assert took < 30  # "a few seconds"; the real number is in BENCHMARKS.md
 
 
+def test_sigterm_with_queued_work_starts_nothing_more(project: Project,
+                                                      daemons: list[Daemon]) -> None:
+    """A task waiting for a global slot must not start during shutdown."""
+    project.config()
+    d = Daemon(project, "--max-parallel", "1")
+    daemons.append(d)
+    d.wait_log("watching")
+    pid = project.root / "first.pid"
+    project.write(".aiwg/tasks/one.yaml", one_task("first", f"pidfile={pid} hang"))
+    assert wait_until(pid.exists, WAIT)
+    project.write(".aiwg/tasks/two.yaml", one_task("second", "hang"))
+    d.wait_log("[two] dispatch")  # its run is up, its task queued behind the global slot
+    t0 = time.monotonic()
+    assert d.stop(signal.SIGTERM) == 0
+    took = time.monotonic() - t0
+    assert sorted(str(e["task"]) for e in project.events() if e["event"] == "start") == [
+        "first"]
+    two = report(project, "two")
+    assert two is not None and two["tasks"][0]["status"] == "skipped"  # type: ignore[index]
+    assert "not started" in two["tasks"][0]["reason"]  # type: ignore[index]
+    assert took < 20, took  # well under the 120 s task timeout it would otherwise wait for
+
+
 def test_sigkill_then_restart_resumes_without_losing_work(project: Project,
                                                           daemons: list[Daemon]) -> None:
     project.config()
@@ -229,11 +252,12 @@ def test_sigkill_then_restart_resumes_without_losing_work(project: Project,
     daemons.append(d)
     d.wait_log("watching")
     pid = project.root / "slow.pid"
+    released = project.root / "release"
     project.write(".aiwg/tasks/crash.yaml", f"""\
         tasks:
           - {{id: quick1, agent: w, prompt: x, output: q1.md}}
           - {{id: quick2, agent: w, prompt: x, output: q2.md}}
-          - {{id: slow, agent: w, prompt: "pidfile={pid} hang", output: s.md,
+          - {{id: slow, agent: w, prompt: "pidfile={pid} hang-unless={released}", output: s.md,
              dependencies: [quick1]}}
           - {{id: after, agent: w, prompt: x, output: after.md, dependencies: [slow]}}
     """)
@@ -245,9 +269,8 @@ def test_sigkill_then_restart_resumes_without_losing_work(project: Project,
     orphan = int(pid.read_text())
     assert pid_alive(orphan)  # the agent outlived its dispatcher ...
     starts(project)
-    # ... until the next daemon starts: it reaps the orphan and resumes the run.
-    project.write(".aiwg/tasks/crash.yaml", (project.root / ".aiwg/tasks/crash.yaml")
-                  .read_text().replace("hang", "sleep=0.1"))
+    # ... until the next daemon starts: it reaps the orphan and resumes the same file.
+    released.touch()  # (the re-run of `slow` will finish; the orphan never re-checks)
     pid.unlink()
     d2 = Daemon(project)
     daemons.append(d2)

@@ -150,6 +150,7 @@ def test_output_appears_only_complete(project: Project) -> None:
         watcher.join()
     final = target.read_text()
     assert final.endswith("slow-write padding padding padding")
+    assert seen, "the reader never saw the output"
     assert all(s == final for s in seen), "a reader saw a partial output"
 
 

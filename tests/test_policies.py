@@ -26,13 +26,13 @@ def test_timeout_kills_the_grandchild(project: Project) -> None:
             agent: w
             prompt: "grandchild={gc} pidfile={me} hang"
             output: slow.md
-            timeout: 1500
+            timeout: 5000
     """)
     proc = project.run("t.yaml")
     assert proc.returncode == 1
     t = by_id(project.report())["slow"]
     assert t["status"] == "timeout"
-    assert "timed out after 1.5s" in str(t["error"])
+    assert "timed out after 5s" in str(t["error"])
     assert not pid_alive(read_pid(me))
     assert wait_until(lambda: not pid_alive(read_pid(gc)), 10)
     assert not (project.root / ".aiwg/working/slow.md").exists()
@@ -47,7 +47,7 @@ def test_timeout_escalates_to_sigkill_for_term_ignorers(project: Project) -> Non
             agent: w
             prompt: "ignore-term grandchild={gc} hang"
             output: s.md
-            timeout: 1000
+            timeout: 5000
     """)
     proc = project.run("t.yaml")
     assert proc.returncode == 1
@@ -98,7 +98,7 @@ def test_stop_cancels_running_tasks_and_starts_no_more(project: Project) -> None
     victim = project.root / "victim.pid"
     project.write("t.yaml", f"""\
         tasks:
-          - {{id: fails-soon, agent: w, prompt: "sleep=0.5 exit=1", output: f.md}}
+          - {{id: fails-soon, agent: w, prompt: "wait-for={victim} exit=1", output: f.md}}
           - {{id: long, agent: w, prompt: "pidfile={victim} hang", output: l.md}}
           - {{id: later, agent: w, prompt: x, output: later.md, dependencies: [fails-soon]}}
           - {{id: queued, agent: w, prompt: x, output: q.md}}

@@ -59,14 +59,19 @@ def test_dependencies_start_after_their_prerequisites_end(project: Project) -> N
 
 
 def test_no_barrier_between_waves(project: Project) -> None:
-    """b depends only on the quick a; it must start while the slow c is still running."""
+    """b depends only on the quick a; it must start while the slow c is still running.
+
+    c finishes only once b has started (it waits for b's pidfile), so the run can
+    only succeed if b did not wait for the whole first wave.
+    """
     project.config()
-    project.write("t.yaml", """\
+    marker = project.root / "b.pid"
+    project.write("t.yaml", f"""\
         tasks:
-          - {id: a, agent: w, prompt: 'x', output: a.md}
-          - {id: c, agent: w, prompt: 'sleep=4', output: c.md}
-          - {id: b, agent: w, prompt: 'x', output: b.md, dependencies: [a]}
-        settings: {max_parallel: 2}
+          - {{id: a, agent: w, prompt: 'x', output: a.md}}
+          - {{id: c, agent: w, prompt: 'wait-for={marker}', output: c.md}}
+          - {{id: b, agent: w, prompt: 'pidfile={marker}', output: b.md, dependencies: [a]}}
+        settings: {{max_parallel: 2}}
     """)
     assert project.run("t.yaml").returncode == 0
     s = project.spans()

@@ -88,7 +88,7 @@ def test_all_errors_reported_at_once(project: Project) -> None:
             prompt: 3
             output: same.txt
           - id: c
-            agent: shell
+            agent: nobody
             prompt: "true"
             output: /etc/passwd
             timeout: 0
@@ -108,7 +108,11 @@ def test_all_errors_reported_at_once(project: Project) -> None:
     assert "'settings.max_parallel' must be ≥ 1 (got 0)" in text
     assert "'settings.timeout_per_task' must be > 0" in text
     assert "'settings.on_failure' must be one of 'continue', 'stop' or 'retry'" in text
-    assert len(errs) >= 8
+    # Output and agent checks run despite the schema errors above.
+    assert "task 'a': output 'same.txt' is also the output of task 'a'" in text
+    assert "output '/etc/passwd' is absolute" in text
+    assert "unknown agent 'nobody'" in text
+    assert len(errs) >= 11
     for e in errs:  # every message is located
         assert e.startswith(f"{f}:"), e
         assert e.split(":")[1].isdigit(), e

@@ -87,12 +87,15 @@ def _load_spec(
         except ConfigError as exc:
             checker.diagnostics.extend(exc.diagnostics)
     spec = None
-    if model is not None and config is not None and not checker.diagnostics:
-        settings = resolve_settings(root, model.settings, config, overrides or {},
+    if config is not None:
+        # Outputs and agents are checked even when the schema has errors, from the
+        # raw tasks, so that every problem of the file is reported in one pass.
+        file_settings = model.settings if model is not None else _settings_or_default(doc.data)
+        settings = resolve_settings(root, file_settings, config, overrides or {},
                                     default_subdir)
-        checker.check_outputs(model, settings.output_dir)
-        agents = checker.check_agents(model, config)
-        if not checker.diagnostics:
+        checker.check_outputs(settings.output_dir)
+        agents = checker.check_agents(config)
+        if model is not None and not checker.diagnostics:
             graph = Graph.build([t.id for t in model.tasks], checker.edges)
             spec = DispatchSpec(
                 path=path, display=display, name=model.name or path.stem,
@@ -103,6 +106,20 @@ def _load_spec(
     if checker.diagnostics or spec is None:
         raise TaskFileError(sorted(checker.diagnostics, key=_order))
     return spec
+
+
+def _settings_or_default(data: Any) -> Settings:
+    """The file's settings if they are valid on their own, else none (already reported)."""
+    raw = data.get("settings") if isinstance(data, dict) else None
+    try:
+        return Settings.model_validate(raw if isinstance(raw, dict) else {})
+    except ValidationError:
+        return Settings()
+
+
+def _str_field(raw: Any, key: str) -> str | None:
+    value = raw.get(key) if isinstance(raw, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 def _as_bytes(text: bytes | str) -> bytes:
@@ -222,16 +239,16 @@ class _Checker:
                      f"dependency cycle: {arrow} (each depends on the next); break one link")
 
     # -- outputs and agents -----------------------------------------------------
-    def check_outputs(self, model: TaskFile, output_dir: Path) -> None:
+    def check_outputs(self, output_dir: Path) -> None:
         symlinks = _SymlinkCheck(output_dir)
         seen: dict[str, int] = {}
         dirs: dict[str, int] = {}
-        norms: list[str | None] = []
-        for i, task in enumerate(model.tasks):
+        norms: dict[int, str] = {}
+        outputs = {i: out for i, raw in enumerate(self.raw_tasks)
+                   if (out := _str_field(raw, "output")) is not None}
+        for i, out in outputs.items():
             loc = ("tasks", i, "output")
-            out = task.output
             norm = posixpath.normpath(out.replace("\\", "/"))
-            norms.append(None)
             if os.path.isabs(out) or out.startswith("~"):
                 self.add(loc, f"output '{out}' is absolute; give a path relative to output_dir "
                               f"({output_dir})")
@@ -252,39 +269,42 @@ class _Checker:
                               f"(it resolves to {escape})")
                 continue
             if norm in seen:
-                other = model.tasks[seen[norm]].id
+                other = self.task_id(("tasks", seen[norm]))
                 self.add(loc, f"output '{out}' is also the output of task '{other}'; "
                               "give each task its own output")
                 continue
             seen[norm] = i
             norms[i] = norm
-            if task.is_directory:
+            if out.endswith("/"):
                 dirs[norm] = i
         if not dirs:
             return
-        for i, norm in enumerate(norms):
-            if norm is None:
-                continue
+        for i, norm in norms.items():
             parent = posixpath.dirname(norm)
             while parent:
                 if parent in dirs and dirs[parent] != i:
-                    other = model.tasks[dirs[parent]]
+                    j = dirs[parent]
                     self.add(("tasks", i, "output"),
-                             f"output '{model.tasks[i].output}' is inside the directory output "
-                             f"'{other.output}' of task '{other.id}'; outputs must not overlap")
+                             f"output '{outputs[i]}' is inside the directory output "
+                             f"'{outputs[j]}' of task '{self.task_id(('tasks', j))}'; "
+                             "outputs must not overlap")
                     break
                 parent = posixpath.dirname(parent)
 
-    def check_agents(self, model: TaskFile, config: ProjectConfig) -> list[Any]:
+    def check_agents(self, config: ProjectConfig) -> list[Any]:
+        """Resolve every task's agent (None where it does not resolve)."""
         specs = []
         resolver = AgentResolver(config)
-        for i, task in enumerate(model.tasks):
-            try:
-                spec: Any = resolver.resolve(task.agent)
-            except ResolveError as exc:
-                spec = None
-                self.add(("tasks", i, "agent"), str(exc))
-            if spec is not None and spec.name == SHELL_AGENT and task.inputs not in (None, "none"):
+        for i, raw in enumerate(self.raw_tasks):
+            name = _str_field(raw, "agent")
+            spec: Any = None
+            if name is not None:
+                try:
+                    spec = resolver.resolve(name)
+                except ResolveError as exc:
+                    self.add(("tasks", i, "agent"), str(exc))
+            inputs = raw.get("inputs") if isinstance(raw, dict) else None
+            if spec is not None and spec.name == SHELL_AGENT and inputs not in (None, "none"):
                 self.add(("tasks", i, "inputs"),
                          "the shell agent's prompt is a script, so nothing can be appended to "
                          "it; remove 'inputs' and read $DISPATCH_INPUTS (a JSON object of "

@@ -65,10 +65,11 @@ class Scheduler:
         self.reuse = reuse
         self.limiter = limiter
         """A slot pool shared with other runs (the daemon's global --max-parallel)."""
-        self.plan = Plan.with_weights(spec.graph, _weights(spec, durations or {}))
-        self.result.critical_path = [
-            spec.graph.ids[i] for i in spec.graph.critical_path(_weights(spec, durations or {}))]
+        weights = _weights(spec, durations or {})
+        self.plan = Plan.with_weights(spec.graph, weights)
+        self.result.critical_path = [spec.graph.ids[i] for i in spec.graph.critical_path(weights)]
         self._scopes: dict[int, trio.CancelScope] = {}
+        self._started: dict[int, float] = {}
         self._backoffs: dict[int, trio.CancelScope] = {}
         self._stopping: str | None = None
         self._t0 = 0.0
@@ -126,47 +127,62 @@ class Scheduler:
         return True
 
     async def _attempt(self, i: int, send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
-        rec = self.records[i]
-        if rec.attempts == 0 and self.reuse is not None and await self.reuse.lookup(i):
-            now = self._now()
-            send.send_nowait(_Finished(i, 0, "cached", None, now, now))
-            return
-        async with self.limiter if self.limiter is not None else nullcontext():
-            await self._attempt_in_slot(i, rec, send)
+        """One attempt of task `i`, from the cache check through waiting for a slot to the end.
 
-    async def _attempt_in_slot(self, i: int, rec: TaskRecord,
-                               send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
+        `_stop` cancels `stop_scope` wherever the attempt is: a task still queued
+        for a (global) slot never starts, and a running one is cancelled.
+        """
+        rec = self.records[i]
+        msg: _Finished | None = None
+        with trio.CancelScope() as stop_scope:
+            self._scopes[i] = stop_scope
+            if self._stopping is not None:
+                stop_scope.cancel()
+            if rec.attempts == 0 and self.reuse is not None and await self.reuse.lookup(i):
+                now = self._now()
+                msg = _Finished(i, 0, "cached", None, now, now)
+            else:
+                async with self.limiter if self.limiter is not None else nullcontext():
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    msg = await self._attempt_in_slot(i, rec)
+        self._scopes.pop(i, None)
+        started = self._started.pop(i, None)
+        if msg is None:
+            now = self._now()
+            status = "cancelled" if started is not None else "unstarted"
+            msg = _Finished(i, rec.attempts, status, None, started or now, now)
+        send.send_nowait(msg)
+
+    async def _attempt_in_slot(self, i: int, rec: TaskRecord) -> _Finished:
         rec.attempts += 1
         job = Job(self.spec, i, rec.attempts, self.result.run_id)
-        start = self._now()
+        start = self._started[i] = self._now()
         if rec.start_s is None:
             rec.start_s = start
         rec.status = "running"
         self.progress.task_started(rec)
         outcome: Outcome | None = None
         # The deadline is decided here, so this is where its cancel scope opens.
-        # `_stop` cancels the same scope; `_stopped` tells the two causes apart.
-        with trio.move_on_after(self.spec.timeout_s(i)) as scope:
-            self._scopes[i] = scope
+        with trio.move_on_after(self.spec.timeout_s(i)) as deadline:
             try:
                 outcome = await self.runner.run(job)
             except Exception as exc:  # a runner bug must not take the run down
                 outcome = Outcome(ok=False, error=f"runner error: {exc!r}", retryable=False)
-        self._scopes.pop(i, None)
-        if scope.cancelled_caught and self._stopping is None:
+        if deadline.cancelled_caught or outcome is None:
             status = "timeout"
-        elif scope.cancelled_caught or outcome is None:
-            status = "cancelled"
         else:
             status = "succeeded" if outcome.ok else "failed"
         if status == "succeeded" and self.reuse is not None:
-            await self.reuse.succeeded(i)
-        send.send_nowait(_Finished(i, rec.attempts, status, outcome, start, self._now()))
+            with trio.CancelScope(shield=True):  # the output is in place: record it
+                await self.reuse.succeeded(i)
+        return _Finished(i, rec.attempts, status, outcome, start, self._now())
 
     def _handle(self, msg: _Finished, nursery: trio.Nursery,
                 send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
         i = msg.index
         rec = self.records[i]
+        if msg.status == "unstarted":
+            return  # stopped while queued: `_close_leftovers` reports it as not started
         if msg.status == "cached":
             rec.status = "cached"
             rec.start_s = rec.end_s = msg.end
