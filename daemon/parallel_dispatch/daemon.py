@@ -336,8 +336,8 @@ class Daemon:
         try:
             spec = load_spec(fs.path, config=self.config, default_subdir=fs.name)
         except TaskFileError as exc:
+            fs.source_hash = ""  # unknown which bytes were read: never skip the next event
             if fs.path.exists():
-                fs.source_hash = _sha256(fs.path)
                 self._invalid(fs, exc.diagnostics)
             return
         fs.source_hash = spec.source_hash
