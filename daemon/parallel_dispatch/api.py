@@ -94,7 +94,7 @@ async def run_spec(
         state.runs = {"run_id": result.run_id, "started_at": result.started_at,
                       "status": "running", "task_file": str(spec.path),
                       "task_file_hash": spec.source_hash}
-        state.save()
+        state.begin()
     progress.run_started(result)
     try:
         async with trio.open_nursery() as nursery:
@@ -127,8 +127,7 @@ def _mark_planned(result: RunResult) -> None:
 
 
 def _recorder(result: RunResult, state: State) -> Callable[[TaskRecord], None]:
-    """Record each finished task in the state file as it finishes (crash safety)."""
-    n = len(result.records)
+    """Record each finished task in the state as it finishes (journaled: crash safety)."""
 
     def record(rec: TaskRecord) -> None:
         if rec.status == "succeeded":
@@ -136,18 +135,16 @@ def _recorder(result: RunResult, state: State) -> Callable[[TaskRecord], None]:
                          finished_run=result.run_id)
         elif rec.status in ("failed", "timeout"):
             state.record(rec.id, status=rec.status, finished_run=result.run_id)
-        else:
-            return  # cached, skipped, cancelled: the last real result still stands
-        state.save_soon(n)
+        # cached, skipped, cancelled: the last real result still stands
 
     return record
 
 
 def _finish(result: RunResult, state: State) -> None:
     clean_staging(result.spec, result.run_id)
-    state.runs.update({"finished_at": result.finished_at, "status": result.status})
-    state.runs.update({k: result.count(k) for k in
-                       ("succeeded", "cached", "failed", "timeout", "skipped", "cancelled")})
+    state.update_run(finished_at=result.finished_at, status=result.status,
+                     **{k: result.count(k) for k in
+                        ("succeeded", "cached", "failed", "timeout", "skipped", "cancelled")})
     state.save()
     write_reports(result)
 

@@ -53,8 +53,8 @@ def write_text(path: Path, text: str, *, fsync: bool = True) -> None:
     write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def replace_path(src: Path, dst: Path) -> None:
-    """Move a finished file or directory into place.
+def replace_path(src: Path, dst: Path, durable: bool = True) -> None:
+    """Move a finished file or directory into place (fsync'ing the directory if `durable`).
 
     Files are swapped in one rename.  A directory cannot replace a non-empty
     directory atomically, so the old one is first renamed aside and removed
@@ -76,7 +76,8 @@ def replace_path(src: Path, dst: Path) -> None:
         if dst.is_dir() and not dst.is_symlink():
             shutil.rmtree(dst)
         os.replace(src, dst)
-    fsync_dir(dst.parent)
+    if durable:
+        fsync_dir(dst.parent)
 
 
 def remove_path(path: Path) -> None:

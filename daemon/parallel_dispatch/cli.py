@@ -205,9 +205,12 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
     registry = AgentRegistry(spec.root)
     registry.reap()  # agents of an earlier dispatcher that was killed outright
-    result = trio.run(lambda: run_spec(spec, progress=progress, handle_signals=True,
-                                       reuse=args.resume,
-                                       runner=RunnerSet(registry=registry)))
+    try:
+        result = trio.run(lambda: run_spec(spec, progress=progress, handle_signals=True,
+                                           reuse=args.resume,
+                                           runner=RunnerSet(registry=registry)))
+    finally:
+        registry.close()
     if result.report_md_path is not None:
         print(f"report: {result.report_md_path}")
     return result.exit_code

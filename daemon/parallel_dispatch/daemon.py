@@ -155,6 +155,7 @@ class Daemon:
                 runs.start_soon(self._announce)
                 await self._watch_loop()
             services.cancel_scope.cancel()
+        self.registry.close()
         self._remove_status()
         log.info("stopped")
 

@@ -77,7 +77,7 @@ def hash_files(root: Path, patterns: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def _agent_identity(spec: DispatchSpec, i: int) -> Any:
+def agent_identity_of(spec: DispatchSpec, i: int) -> Any:
     agent = spec.agents[i]
     if dataclasses.is_dataclass(agent):
         return {k: _jsonable(v) for k, v in dataclasses.asdict(agent).items()}
@@ -94,12 +94,16 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def task_fingerprint(spec: DispatchSpec, i: int, dep_hashes: Mapping[str, str | None]) -> str:
+def task_fingerprint(spec: DispatchSpec, i: int, dep_hashes: Mapping[str, str | None],
+                     agent_identity: Any = None) -> str:
+    """`agent_identity` may be passed in, cached per agent, by callers fingerprinting many
+    tasks of the same agent."""
     task = spec.tasks[i]
     material = {
         "agent": task.agent,
         "prompt": task.prompt,
-        "resolved_agent": _agent_identity(spec, i),
+        "resolved_agent": (agent_identity if agent_identity is not None
+                           else agent_identity_of(spec, i)),
         "output": task.output,
         "output_dir": str(spec.settings.output_dir),
         "inputs": spec.inputs_mode(i),

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import trio
 
-from .fingerprint import hash_output, output_stamp, task_fingerprint
+from .fingerprint import agent_identity_of, hash_output, output_stamp, task_fingerprint
 from .spec import DispatchSpec
 from .state import State
+
+INLINE_HASH_BYTES = 256 * 1024
 
 
 class Reuse:
@@ -23,10 +25,16 @@ class Reuse:
         self.enabled = enabled
         self.hashes: dict[str, str | None] = {}
         self.fingerprints: dict[int, str] = {}
+        self._identities: dict[int, object] = {}
+        """Resolved-agent material per agent object: tasks share a handful of agents."""
 
     def _fingerprint(self, i: int) -> str:
         deps = {d: self.hashes.get(d) for d in self.spec.tasks[i].dependencies}
-        return task_fingerprint(self.spec, i, deps)
+        agent = self.spec.agents[i]
+        identity = self._identities.get(id(agent))
+        if identity is None:
+            identity = self._identities[id(agent)] = agent_identity_of(self.spec, i)
+        return task_fingerprint(self.spec, i, deps, identity)
 
     def _intact(self, i: int, entry: dict[str, object]) -> str | None:
         """The recorded output hash if the output is still what was recorded."""
@@ -41,7 +49,10 @@ class Reuse:
 
     async def lookup(self, i: int) -> bool:
         """Compute the fingerprint; True if the previous output can be reused."""
-        fp = await trio.to_thread.run_sync(self._fingerprint, i)
+        if self.spec.tasks[i].files:  # globbing and hashing files: off the event loop
+            fp = await trio.to_thread.run_sync(self._fingerprint, i)
+        else:
+            fp = self._fingerprint(i)
         self.fingerprints[i] = fp
         if not self.enabled:
             return False
@@ -57,12 +68,13 @@ class Reuse:
     async def succeeded(self, i: int) -> None:
         """Hash the new output so dependents' fingerprints and the next run can use it."""
         path = self.spec.output_path(i)
-        digest = await trio.to_thread.run_sync(hash_output, path)
+        stamp = output_stamp(path)
+        if stamp is not None and stamp[0] <= INLINE_HASH_BYTES and not path.is_dir():
+            digest = hash_output(path)  # a thread hop would cost more than hashing
+        else:
+            digest = await trio.to_thread.run_sync(hash_output, path)
         task_id = self.spec.tasks[i].id
         self.hashes[task_id] = digest
         self.state.record(task_id, fingerprint=self.fingerprints.get(i), output_hash=digest,
-                          output_stamp=output_stamp(path))
+                          output_stamp=stamp)
 
-    def invalidate(self, i: int) -> None:
-        """A failed attempt: the task's recorded success no longer describes its inputs."""
-        self.state.forget(self.spec.tasks[i].id, "fingerprint")

@@ -1,10 +1,10 @@
 """A registry of live agents, so no agent outlives a crashed dispatcher.
 
 Agents run in their own sessions, so they survive a `kill -9` of the
-dispatcher.  Each spawn writes `<project>/.aiwg/.dispatch-agents/<pgid>`
-(JSON: dispatcher pid, run id); the file goes when the group is gone.  At
-start the daemon (and the CLI) reap entries whose dispatcher is dead: the
-group is killed if `/proc/<pid>/environ` still carries that run's
+dispatcher.  Each dispatcher appends every spawn and every reaped group to
+`<project>/.aiwg/.dispatch-agents/<its pid>.log`.  At start the daemon (and
+the CLI) replay the files of dead dispatchers: each group still alive is
+killed if a member's `/proc/<pid>/environ` carries that run's
 `DISPATCH_RUN_ID`, which guards against a recycled pid.  Under systemd,
 `KillMode=control-group` already kills the whole cgroup; this covers the rest.
 """
@@ -12,11 +12,11 @@ group is killed if `/proc/<pid>/environ` still carries that run's
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
 from pathlib import Path
+from typing import IO
 
 from .process import signal_group
 
@@ -65,42 +65,79 @@ def _runs_with(pid: int, run_id: str) -> bool:
 
 
 class AgentRegistry:
-    """Records this process's live agent groups under the project."""
+    """This process's live agent groups, as an append-only file under the project.
+
+    One file per dispatcher (`<dispatcher pid>.log`), one short line per spawn
+    (`+ <pgid> <run id>`) and per reaped group (`- <pgid>`): a single appended
+    write each, cheap enough for a thousand trivial tasks.
+    """
 
     def __init__(self, project: Path) -> None:
         self.dir = project / REGISTRY_DIR
+        self._file: IO[str] | None = None
+
+    def _write(self, line: str) -> None:
+        try:
+            if self._file is None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.dir / f"{os.getpid()}.log", "a")  # noqa: SIM115
+            self._file.write(line + "\n")
+            self._file.flush()
+        except OSError as exc:  # a registry we cannot write must not fail the task
+            log.warning("cannot record agents in %s: %s", self.dir, exc)
 
     def add(self, pgid: int, run_id: str) -> None:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            data = {"pgid": pgid, "dispatcher": os.getpid(), "run_id": run_id}
-            (self.dir / str(pgid)).write_text(json.dumps(data))
-        except OSError as exc:  # a registry we cannot write must not fail the task
-            log.warning("cannot record agent %s in %s: %s", pgid, self.dir, exc)
+        self._write(f"+ {pgid} {run_id}")
 
     def remove(self, pgid: int) -> None:
-        with contextlib.suppress(OSError):
-            (self.dir / str(pgid)).unlink()
+        self._write(f"- {pgid}")
+
+    def close(self) -> None:
+        """At a clean exit every group is gone: drop this process's file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            with contextlib.suppress(OSError):
+                (self.dir / f"{os.getpid()}.log").unlink()
 
     def reap(self) -> list[int]:
         """Kill agent groups left behind by dead dispatchers; return their pgids."""
         killed: list[int] = []
         try:
-            entries = list(self.dir.iterdir())
+            entries = sorted(self.dir.glob("*.log"))
         except OSError:
             return killed
         for entry in entries:
             try:
-                data = json.loads(entry.read_text())
-                pgid, owner, run_id = int(data["pgid"]), int(data["dispatcher"]), data["run_id"]
-            except (OSError, ValueError, KeyError, TypeError):
-                entry.unlink(missing_ok=True)
+                owner = int(entry.stem)
+            except ValueError:
                 continue
-            if owner != os.getpid() and _alive(owner):
-                continue  # its dispatcher is still looking after it
-            if any(_runs_with(p, str(run_id)) for p in _group_members(pgid)):
-                signal_group(pgid, signal.SIGKILL)
-                killed.append(pgid)
-                log.warning("killed orphaned agent process group %s (run %s)", pgid, run_id)
+            if owner == os.getpid() or _alive(owner):
+                continue  # its dispatcher is still looking after its agents
+            for pgid, run_id in _live_groups(entry).items():
+                if any(_runs_with(p, run_id) for p in _group_members(pgid)):
+                    signal_group(pgid, signal.SIGKILL)
+                    killed.append(pgid)
+                    log.warning("killed orphaned agent process group %s (run %s)", pgid,
+                                run_id)
             entry.unlink(missing_ok=True)
         return killed
+
+
+def _live_groups(path: Path) -> dict[int, str]:
+    """Replay a registry file: groups spawned and not yet reaped."""
+    live: dict[int, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return live
+    for line in lines:
+        parts = line.split()
+        try:
+            if len(parts) == 3 and parts[0] == "+":
+                live[int(parts[1])] = parts[2]
+            elif len(parts) == 2 and parts[0] == "-":
+                live.pop(int(parts[1]), None)
+        except ValueError:
+            continue
+    return live

@@ -1,22 +1,36 @@
-"""Staging areas for outputs: agents write there; only success promotes.
+"""Staging for outputs: agents write beside or below the output; only success promotes.
 
-Each attempt writes into `<output_dir>/.dispatch/staging/<run>/<task>.<attempt>/`.
-On success the staged file (or directory) is renamed over the final output, so
-whatever sits at an output path is always a complete, successful result.  On
-failure the partial output moves to `logs/<task>.failed.out` (or `.failed/`)
-for debugging, and the previous successful output, if any, stays untouched.
+A file output is staged as a hidden sibling, `.<name>.<run>.<attempt>.partial`,
+so promotion is one rename in the same directory and costs no extra folder.  A
+directory output is staged in `<output_dir>/.dispatch/staging/<run>/<task>.<n>/`
+and swapped in whole.  Whatever sits at an output path is therefore always a
+complete, successful result.  On failure the partial output moves to
+`logs/<task>.failed.out` (or `.failed/`) for debugging, and the previous
+successful output, if any, stays untouched.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from .atomic import fsync_dir, remove_path, replace_path
+from .atomic import remove_path, replace_path
 from .spec import STDOUT_FILE_IN_DIR, DispatchSpec
 
 STAGING_DIR = ".dispatch/staging"
+_PARTIAL = re.compile(r"^\..+\.\d{8}T\d{6}Z-[0-9a-f]+\.\d+\.partial$")
+
+
+def open_creating_dirs(path: Path, mode: str = "wb") -> IO[bytes]:
+    """Open for writing, creating parent folders only when they are missing."""
+    try:
+        return open(path, mode)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, mode)
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,8 @@ class Staging:
     """Where one attempt's output is written before it is promoted."""
 
     root: Path
+    """This attempt's staging folder: a directory output lives in it; runners may keep
+    scratch files there.  Created only when used; `clean_staging` removes it."""
     target: Path
     """What the agent sees as `{output}` / DISPATCH_OUTPUT."""
     stdout: Path
@@ -31,23 +47,32 @@ class Staging:
     failed: Path
     is_directory: bool
 
-    def create(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+    def create(self, agent_writes: bool) -> None:
+        """Make the folders an agent writing `{output}` itself needs."""
         if self.is_directory:
             self.target.mkdir(parents=True, exist_ok=True)
+        elif agent_writes:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+
+    def open_stdout(self) -> IO[bytes]:
+        return open_creating_dirs(self.stdout)
 
     def promote(self) -> None:
         """Make the staged output the real one, then drop the staging area."""
         if self.is_directory:
             if self.stdout.exists() and self.stdout.stat().st_size == 0:
                 self.stdout.unlink()
-        elif not self.target.exists():
-            self.target.touch()
-        if self.target.is_file():
-            with open(self.target, "rb") as fh:
-                os.fsync(fh.fileno())
-        replace_path(self.target, self.final)
-        remove_path(self.root)
+            replace_path(self.target, self.final, durable=False)
+        else:
+            if not self.target.exists():
+                self.target.parent.mkdir(parents=True, exist_ok=True)
+                self.target.touch()
+            try:
+                os.replace(self.target, self.final)
+            except OSError:  # e.g. a directory stands where the file goes
+                replace_path(self.target, self.final, durable=False)
+        if self.is_directory:
+            remove_path(self.root)
 
     def discard(self) -> None:
         """Keep a failed attempt's partial output under logs/ and drop the rest."""
@@ -57,30 +82,29 @@ class Staging:
         )
         if has_output:
             self.failed.parent.mkdir(parents=True, exist_ok=True)
-            replace_path(self.target, self.failed)
-        remove_path(self.root)
-        fsync_dir(self.root.parent)
+            replace_path(self.target, self.failed, durable=False)
+        else:
+            remove_path(self.target)
+        if self.is_directory:
+            remove_path(self.root)
 
 
 def staging_for(spec: DispatchSpec, index: int, run_id: str, attempt: int) -> Staging:
     task = spec.tasks[index]
     out_dir = spec.settings.output_dir
+    final = spec.output_path(index)
+    failed = out_dir / "logs" / (f"{task.id}.failed" if task.is_directory
+                                 else f"{task.id}.failed.out")
     root = out_dir / STAGING_DIR / run_id / f"{task.id}.{attempt}"
-    name = spec.output_path(index).name
-    target = root / name
-    is_dir = task.is_directory
-    return Staging(
-        root=root,
-        target=target,
-        stdout=target / STDOUT_FILE_IN_DIR if is_dir else target,
-        final=spec.output_path(index),
-        failed=out_dir / "logs" / (f"{task.id}.failed" if is_dir else f"{task.id}.failed.out"),
-        is_directory=is_dir,
-    )
+    if task.is_directory:
+        target = root / final.name
+        return Staging(root, target, target / STDOUT_FILE_IN_DIR, final, failed, True)
+    target = final.with_name(f".{final.name}.{run_id}.{attempt}.partial")
+    return Staging(root, target, target, final, failed, False)
 
 
 def clean_staging(spec: DispatchSpec, run_id: str) -> None:
-    """Remove this run's staging area (after cancellation, say)."""
+    """Remove a run's staging folder, and partial files any crashed run left behind."""
     base = spec.settings.output_dir / STAGING_DIR
     remove_path(base / run_id)
     for p in (base, base.parent):
@@ -88,3 +112,12 @@ def clean_staging(spec: DispatchSpec, run_id: str) -> None:
             p.rmdir()
         except OSError:
             break
+    for folder in {spec.output_path(i).parent for i, t in enumerate(spec.tasks)
+                   if not t.is_directory}:
+        try:
+            with os.scandir(folder) as entries:
+                stale = [e.path for e in entries if _PARTIAL.match(e.name)]
+        except OSError:
+            continue
+        for path in stale:
+            remove_path(Path(path))

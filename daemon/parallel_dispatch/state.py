@@ -1,33 +1,33 @@
 """Per-output-dir memory between runs (ninja's `BuildLog`).
 
 `.dispatch-state.toml` records, per task, its last duration, result,
-fingerprint and output hash, and, per file, how the last run went.  The
-scheduler uses durations to weight the critical path; `--resume` and the
-daemon use fingerprints to reuse outputs.  It is rewritten atomically (temp
-file, fsync, rename) as tasks finish, so a crash never leaves half a file and
-loses at most the records of the last instant.  A damaged file is treated as
-empty rather than blocking work.
+fingerprint and output hash, and how the last run went.  The scheduler uses
+durations to weight the critical path; `--resume` and the daemon use
+fingerprints to reuse outputs.
+
+Like ninja's log, it is cheap to keep current: while a run goes on, each change
+is one appended line in `.dispatch-journal.jsonl` (a write, no rewrite), and
+the TOML snapshot is rewritten atomically (temp file, fsync, rename) at the
+start and end of a run, after which the journal is emptied.  Loading replays
+the journal over the snapshot, so after a `kill -9` nothing that finished is
+forgotten; a torn last line is ignored.  A damaged snapshot is treated as empty
+rather than blocking work.
 """
 
 from __future__ import annotations
 
-import time
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import tomli_w
 
 from .atomic import write_text
 
 STATE_FILE = ".dispatch-state.toml"
-
-SAVE_EVERY_TASK_UP_TO = 200
-"""Runs with more tasks than this save at most every `SAVE_INTERVAL_S`: rewriting a
-big state file per task would cost more than the tasks (a crash then re-runs the
-few tasks finished in the last interval, which is safe)."""
-SAVE_INTERVAL_S = 0.5
+JOURNAL_FILE = ".dispatch-journal.jsonl"
 
 
 @dataclass
@@ -35,19 +35,41 @@ class State:
     path: Path
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: dict[str, Any] = field(default_factory=dict)
-    _last_save: float = 0.0
+    _journal: IO[str] | None = None
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path.with_name(JOURNAL_FILE)
 
     @classmethod
     def load(cls, output_dir: Path) -> State:
-        path = output_dir / STATE_FILE
+        state = cls(output_dir / STATE_FILE)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(state.path.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-            return cls(path)
-        tasks = data.get("tasks", {})
-        runs = data.get("last_run", {})
-        return cls(path, tasks if isinstance(tasks, dict) else {},
-                   runs if isinstance(runs, dict) else {})
+            data = {}
+        tasks, runs = data.get("tasks", {}), data.get("last_run", {})
+        state.tasks = tasks if isinstance(tasks, dict) else {}
+        state.runs = runs if isinstance(runs, dict) else {}
+        state._replay()
+        return state
+
+    def _replay(self) -> None:
+        try:
+            lines = self.journal_path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                break  # a torn write: everything before it is good
+            if not isinstance(entry, dict):
+                break
+            if isinstance(entry.get("task"), str) and isinstance(entry.get("set"), dict):
+                self.tasks.setdefault(entry["task"], {}).update(entry["set"])
+            elif isinstance(entry.get("run"), dict):
+                self.runs.update(entry["run"])
 
     def durations(self) -> dict[str, float]:
         out = {}
@@ -61,23 +83,32 @@ class State:
         entry = self.tasks.get(task_id)
         return entry if isinstance(entry, dict) else {}
 
-    def record(self, task_id: str, **fields: Any) -> None:
-        entry = self.tasks.setdefault(task_id, {})
-        entry.update({k: v for k, v in fields.items() if v is not None})
+    def _append(self, entry: dict[str, Any]) -> None:
+        if self._journal is None:
+            return
+        self._journal.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        self._journal.flush()
 
-    def forget(self, task_id: str, *keys: str) -> None:
-        entry = self.tasks.get(task_id)
-        if isinstance(entry, dict):
-            for k in keys:
-                entry.pop(k, None)
+    def record(self, task_id: str, **fields: Any) -> None:
+        """Update a task's entry (journaled while a run is open)."""
+        values = {k: v for k, v in fields.items() if v is not None}
+        self.tasks.setdefault(task_id, {}).update(values)
+        self._append({"task": task_id, "set": values})
+
+    def update_run(self, **fields: Any) -> None:
+        self.runs.update(fields)
+        self._append({"run": fields})
+
+    def begin(self) -> None:
+        """Snapshot now and journal every change until `save`."""
+        self.save()
+        self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115
 
     def save(self) -> None:
+        """Rewrite the snapshot atomically, then empty the journal it now includes."""
         data: dict[str, Any] = {"version": 1, "last_run": self.runs, "tasks": self.tasks}
         write_text(self.path, tomli_w.dumps(data))
-        self._last_save = time.monotonic()
-
-    def save_soon(self, n_tasks: int) -> None:
-        """Save now, unless this is a big run and the last save was very recent."""
-        if n_tasks <= SAVE_EVERY_TASK_UP_TO or (
-                time.monotonic() - self._last_save >= SAVE_INTERVAL_S):
-            self.save()
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        self.journal_path.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..inputs import compose_prompt, inputs_env
 from ..orphans import AgentRegistry
-from ..outputs import Staging, staging_for
+from ..outputs import Staging, open_creating_dirs, staging_for
 from ..process import KILL_GRACE_S, run_in_group
 from .base import Job, Outcome
 
@@ -79,7 +79,7 @@ class CommandRunner:
 
     async def run(self, job: Job) -> Outcome:
         staging = staging_for(job.spec, job.index, job.run_id, job.attempt)
-        staging.create()
+        staging.create(agent_writes=job.agent.output_mode == "file")
         try:
             outcome = await self._run(job, staging)
         except BaseException:
@@ -95,9 +95,7 @@ class CommandRunner:
         prompt = compose_prompt(job.spec, job.index)
         argv = self.argv(job, staging.target, prompt)
         stdin = b"" if job.agent.prompt_mode == "arg" else prompt.encode("utf-8")
-        job.log_path.parent.mkdir(parents=True, exist_ok=True)
-        mode = "wb" if job.attempt == 1 else "ab"
-        with open(job.log_path, mode) as log:
+        with open_creating_dirs(job.log_path, "wb" if job.attempt == 1 else "ab") as log:
             log.write(_header(job, argv).encode())
             log.flush()
             exe = shutil.which(argv[0], path=self.base_env.get("PATH"))
@@ -109,7 +107,7 @@ class CommandRunner:
             env = self.env(job, staging.target)
             # output = "file": the agent writes {output} itself; its stdout joins the log.
             to_file = job.agent.output_mode == "stdout"
-            with open(staging.stdout, "wb") if to_file else _nullcontext(log) as out:
+            with staging.open_stdout() if to_file else _nullcontext(log) as out:
                 try:
                     result = await run_in_group(
                         argv, cwd=str(job.spec.root), env=env,

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from ..agents import AgentSpec
 from ..inputs import compose_prompt
-from ..outputs import Staging
+from ..outputs import Staging, open_creating_dirs
 from .base import Job, Outcome
 from .command import CommandRunner, _header
 from .preset import model_family
@@ -80,8 +80,7 @@ class OpenAIRunner(CommandRunner):
     async def _run(self, job: Job, staging: Staging) -> Outcome:
         agent = job.agent
         url = self.url(agent)
-        job.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(job.log_path, "wb" if job.attempt == 1 else "ab") as log:
+        with open_creating_dirs(job.log_path, "wb" if job.attempt == 1 else "ab") as log:
             log.write(_header(job, ["POST", url, f"model={agent.model}"]).encode())
             log.flush()
             try:
@@ -123,6 +122,7 @@ class OpenAIRunner(CommandRunner):
                 if resp.status_code >= 400:
                     raise _http_error(resp.status_code, await _body(resp), resp.headers,
                                       url, key_name, bool(key))
+                staging.stdout.parent.mkdir(parents=True, exist_ok=True)
                 with open(staging.stdout, "w", encoding="utf-8") as out:
                     if "text/event-stream" in resp.headers.get("content-type", ""):
                         return await _stream(resp.aiter_lines(), out)

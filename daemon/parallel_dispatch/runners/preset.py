@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from ..agents import AgentSpec
 from ..inputs import compose_prompt
-from ..outputs import Staging, staging_for
+from ..outputs import Staging, open_creating_dirs, staging_for
 from ..process import run_in_group
 from .base import Job, Outcome
 from .command import CommandRunner, _exit_message, _header
@@ -292,8 +292,7 @@ class PresetRunner(CommandRunner):
         inv = self.build(call)
         env = self.env(job, staging.target)
         env.update(inv.env)
-        job.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(job.log_path, "wb" if job.attempt == 1 else "ab") as log:
+        with open_creating_dirs(job.log_path, "wb" if job.attempt == 1 else "ab") as log:
             log.write(_header(job, inv.argv).encode())
             log.flush()
             if shutil.which(inv.argv[0], path=env.get("PATH")) is None:
@@ -329,7 +328,8 @@ class PresetRunner(CommandRunner):
         text = parsed.text or ""
         if text and not text.endswith("\n"):
             text += "\n"
-        staging.stdout.write_text(text, encoding="utf-8")
+        with staging.open_stdout() as out:
+            out.write(text.encode("utf-8"))
         return Outcome(ok=True, exit_code=result.returncode, pid=result.pid,
                        metrics=parsed.metrics)
 
