@@ -65,6 +65,8 @@ class Scheduler:
         self.reuse = reuse
         self.limiter = limiter
         """A slot pool shared with other runs (the daemon's global --max-parallel)."""
+        self._instant: Callable[[Job], Outcome] | None = (
+            getattr(runner, "run_now", None) if reuse is None and limiter is None else None)
         weights = _weights(spec, durations or {})
         self.plan = Plan.with_weights(spec.graph, weights)
         self.result.critical_path = [spec.graph.ids[i] for i in spec.graph.critical_path(weights)]
@@ -99,6 +101,9 @@ class Scheduler:
                 while (self._stopping is None and running < self.spec.settings.max_parallel
                        and self.plan.has_ready() and not self._over_budget()):
                     i = self.plan.pop_ready()
+                    if self._instant is not None:  # e.g. a dry run: no task, no await
+                        self._handle(self._run_instantly(i, self._instant), nursery, send)
+                        continue
                     running += 1
                     nursery.start_soon(self._attempt, i, send)
                 if running == 0 and not self._backoffs:
@@ -116,6 +121,17 @@ class Scheduler:
         self._close_leftovers()
         self.result.wall_s = trio.current_time() - self._t0
         return self.result
+
+    def _run_instantly(self, i: int, run_now: Callable[[Job], Outcome]) -> _Finished:
+        """Runners that finish at once (`run_now`) need no task, slot or deadline."""
+        rec = self.records[i]
+        rec.attempts += 1
+        now = self._now()
+        rec.start_s = now
+        self.progress.task_started(rec)
+        outcome = run_now(Job(self.spec, i, rec.attempts, self.result.run_id))
+        return _Finished(i, rec.attempts, "succeeded" if outcome.ok else "failed", outcome,
+                         now, now)
 
     def _over_budget(self) -> bool:
         """Whether reported costs reached `max_cost_usd`: then nothing new starts."""

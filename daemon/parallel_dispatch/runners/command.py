@@ -38,7 +38,7 @@ class CommandRunner:
         self.grace = grace
         self.registry = registry
 
-    def argv(self, job: Job, output: Path, prompt: str) -> list[str]:
+    def argv(self, job: Job, output: Path | str, prompt: str) -> list[str]:
         values = {
             "agent": job.task.agent,
             "task_id": job.task.id,
@@ -73,7 +73,7 @@ class CommandRunner:
         return {"on_spawn": lambda pid: reg.add(pid, job.run_id), "on_reaped": reg.remove}
 
     def describe(self, job: Job) -> str:
-        argv = self.argv(job, job.output_path, "<prompt>")
+        argv = self.argv(job, job.spec.output_text(job.index), "<prompt>")
         how = "prompt on stdin" if job.agent.prompt_mode == "stdin" else "prompt as last argument"
         return f"{' '.join(argv)}  ({how})"
 
