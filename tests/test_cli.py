@@ -227,3 +227,12 @@ def test_plain_progress_lines(project: Project) -> None:
     assert "▶ a [w]" in proc.stderr
     assert "✓ a succeeded" in proc.stderr and "[1/1]" in proc.stderr
     assert "finished: succeeded" in proc.stderr
+
+
+def test_unwritable_output_dir_is_a_clear_usage_error(project: Project) -> None:
+    project.write("t.yaml", "tasks:\n  - {id: a, agent: shell, prompt: 'echo hi', output: a}\n")
+    blocker = project.write("blocker", "a file, not a folder\n")
+    proc = project.run("t.yaml", "--output", str(blocker / "out"))
+    assert proc.returncode == 2
+    assert "cannot create the output dir" in proc.stderr and "--output" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -254,3 +254,19 @@ def test_big_output_is_streamed_not_buffered(project: Project) -> None:
     assert (project.root / ".aiwg/working/big.bin").stat().st_size == 400_000_000
     max_rss_mb = usage.ru_maxrss / 1024  # Linux reports KiB
     assert max_rss_mb < 200, f"dispatcher peaked at {max_rss_mb:.0f} MB"
+
+
+def test_inlined_inputs_cannot_break_out_of_their_fence(project: Project) -> None:
+    project.config("""
+        [agents.ticks]
+        command = ["/bin/sh", "-c", "printf 'a\\\\n````\\\\nb\\\\n'"]
+    """)
+    project.write("t.yaml", """\
+        tasks:
+          - {id: up, agent: ticks, prompt: x, output: up.md}
+          - {id: down, agent: w, prompt: x, output: down.md, dependencies: [up]}
+    """)
+    assert project.run("t.yaml").returncode == 0
+    assert "````" in (project.root / ".aiwg/working/up.md").read_text()
+    down = (project.root / ".aiwg/working/down.md").read_text()
+    assert "`````\na\n````\nb\n\n`````" in down

@@ -1,7 +1,8 @@
 """The programmatic front door: load, schedule, run, report.
 
-The CLI, the daemon and the GitHub Action all call `run_dispatch` (async) or
-`dispatch` (sync); none of them knows about the scheduler's internals.
+The CLI and the daemon call `run_spec` on a spec they loaded themselves; the
+GitHub Action and scripts call `dispatch` (sync) or `run_dispatch` (async).
+None of them knows about the scheduler's internals.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import trio
 
+from .errors import DispatchError
+from .fmt import now_iso
 from .incremental import Reuse
 from .loader import load_spec
 from .outputs import clean_staging
@@ -30,10 +33,6 @@ from .state import State
 def new_run_id() -> str:
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{secrets.token_hex(3)}"
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def overrides_from(
@@ -90,7 +89,13 @@ async def run_spec(
     if scheduler_hook is not None:
         scheduler_hook(scheduler)
     if not dry_run:
-        spec.settings.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            spec.settings.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DispatchError(
+                f"cannot create the output dir {spec.settings.output_dir}: "
+                f"{exc.strerror or exc}; choose a writable one (--output or settings.output_dir)"
+            ) from None
         state.runs = {"run_id": result.run_id, "started_at": result.started_at,
                       "status": "running", "task_file": str(spec.path),
                       "task_file_hash": spec.source_hash}

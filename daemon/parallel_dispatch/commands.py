@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import tomli_w
 
+from .atomic import write_text
 from .config import ProjectConfig, find_project_root, load_config
 from .resolve import AgentResolver, AgentRow
 from .runners.openai import DEFAULT_BASE_URL, DEFAULT_KEY_ENV
@@ -218,15 +219,14 @@ def init_command(force: bool, cwd: Path | None = None, out: TextIO = sys.stdout,
         return 1
     runner, found = detect_runner()
     text, data = starter_config(runner, found)
-    assert tomllib.loads(text) == data, "starter config must parse back to its data"
+    if tomllib.loads(text) != data:  # the comments were woven into tomli-w's output
+        raise RuntimeError("internal error: the starter config does not parse back to its data")
     discovery = AgentResolver(ProjectConfig(root=root)).discovery
     first = next(iter(discovery.agents.values()), None)
     where = str(first.path.relative_to(root)) if first and first.path.is_relative_to(root) \
         else (str(first.path) if first else "")
-    targets[0].parent.mkdir(parents=True, exist_ok=True)
-    targets[0].write_text(text, encoding="utf-8")
-    targets[1].parent.mkdir(parents=True, exist_ok=True)
-    targets[1].write_text(starter_tasks(first.name if first else None, where), encoding="utf-8")
+    write_text(targets[0], text)
+    write_text(targets[1], starter_tasks(first.name if first else None, where))
     for p in targets:
         print(f"wrote {p.relative_to(root)}", file=out)
     if not found:

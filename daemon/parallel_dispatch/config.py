@@ -124,7 +124,6 @@ class ResolvedSettings:
     max_parallel: int
     timeout_per_task: int
     output_dir: Path
-    output_dir_text: str
     on_failure: OnFailure
     max_retries: int
     retry_backoff: float
@@ -202,7 +201,6 @@ def resolve_settings(
         max_parallel=int(merged["max_parallel"]),
         timeout_per_task=int(merged["timeout_per_task"]),
         output_dir=Path(_normpath(out)),
-        output_dir_text=out_text,
         on_failure=merged["on_failure"],
         max_retries=int(merged["max_retries"]),
         retry_backoff=float(merged["retry_backoff"]),

@@ -5,7 +5,7 @@ saves settle, then runs it incrementally (unchanged tasks are `cached`).  A
 change during a run interrupts it — its agents' process groups are killed —
 and the new version starts.  All runs share one global slot pool on top of
 each file's own `max_parallel`.  Bad files get an error report where their
-report would go; the daemon keeps serving.  Layout: see docs/daemon.md.
+report would go; the daemon keeps serving.  Layout and behaviour: README, "The daemon".
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import trio
 from watchfiles import Change
 
 from .agentdefs import search_dirs
-from .api import now_iso, run_spec
+from .api import run_spec
 from .atomic import write_text
 from .config import BUILTIN_DEFAULTS, ProjectConfig, load_config
 from .errors import ConfigError, Diagnostic, TaskFileError
 from .fingerprint import hash_files
+from .fmt import now_iso
 from .loader import load_spec
 from .orphans import REGISTRY_DIR, AgentRegistry
 from .progress import PlainProgress

@@ -7,6 +7,7 @@ up the prompt (or argv limits); the cap is noted in the text so agents know.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .model import InputsMode
@@ -75,5 +76,7 @@ def _read_capped(path: Path) -> str:
 
 
 def _fenced(text: str) -> str:
-    fence = "````" if "```" in text else "```"
+    """A code fence longer than any backtick run inside, so the content cannot close it."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
     return f"{fence}\n{text}\n{fence}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .report import fmt_duration
+from .fmt import fmt_duration
 from .result import RunResult
 from .runners.base import Job, Runner
 from .spec import DispatchSpec

@@ -29,10 +29,6 @@ def signal_group(pgid: int, sig: int) -> bool:
     return True
 
 
-def group_alive(pgid: int) -> bool:
-    return signal_group(pgid, 0)
-
-
 def make_group_killer(grace: float = KILL_GRACE_S):
     """A `deliver_cancel` for `trio.run_process` that terminates the whole group."""
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from . import costs
 from .atomic import write_text
+from .fmt import fmt_duration, now_iso, rel_path
 from .result import RunResult, TaskRecord
 
 REPORT_MD = "dispatch-report.md"
@@ -26,18 +27,6 @@ SCHEMA_VERSION = 1
 _MARK = {"succeeded": "✓", "cached": "≡ cached", "failed": "✗", "timeout": "⏱ timeout",
          "skipped": "↷ skipped", "cancelled": "⊘ cancelled", "planned": "· planned",
          "pending": "…"}
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, rest = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{int(minutes)}m {rest:04.1f}s"
-    hours, minutes = divmod(int(minutes), 60)
-    return f"{hours}h {minutes:02d}m {rest:02.0f}s"
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> list[str]:
@@ -144,13 +133,6 @@ def to_json(result: RunResult) -> dict[str, Any]:
     }
 
 
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
-
-
 def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
     data = data or to_json(result)
     s = data["summary"]
@@ -209,14 +191,14 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
             lines.append("")
             lines.append(_md_escape_line(why))
             if t["log_tail"]:
-                lines += ["", f"Last lines of `{_rel(Path(t['log_path']), root)}`:", "",
+                lines += ["", f"Last lines of `{rel_path(Path(t['log_path']), root)}`:", "",
                           "```text", *t["log_tail"], "```"]
             lines.append("")
     lines += ["", "## Outputs"]
     outs = [t for t in data["tasks"] if t["status"] in ("succeeded", "cached")]
     for t in outs:
-        lines.append(f"- {_rel(Path(t['output_path']), root)}" + ("/" if t["output"].endswith("/")
-                                                                  else ""))
+        slash = "/" if t["output"].endswith("/") else ""
+        lines.append(f"- {rel_path(Path(t['output_path']), root)}{slash}")
     if not outs:
         lines.append("- (none)")
     gantt = _gantt(data)
@@ -266,8 +248,6 @@ def write_reports(result: RunResult) -> tuple[Path, Path]:
 
 def write_error_report(output_dir: Path, task_file: str, diagnostics: list[Any]) -> Path:
     """Where a run's report would go, say why the file could not run (daemon)."""
-    from .api import now_iso
-
     data = {
         "schema_version": SCHEMA_VERSION,
         "task_file": task_file,

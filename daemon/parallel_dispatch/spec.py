@@ -87,7 +87,3 @@ class DispatchSpec:
         """Absolute final output path (a directory for `dir/` outputs)."""
         return self._path("out", i)
 
-    def stdout_path(self, i: int) -> Path:
-        """The file that receives stdout once the task succeeds."""
-        out = self.output_path(i)
-        return out / STDOUT_FILE_IN_DIR if self.tasks[i].is_directory else out

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..agents import AgentSpec
+from ..fmt import rel_path
 from ..inputs import compose_prompt
 from ..outputs import Staging, open_creating_dirs, staging_for
 from ..process import run_in_group
@@ -188,7 +189,7 @@ class Call:
         """The system prompt as it goes into argv; a short label when only showing."""
         if self.show and self.system_prompt:
             d = self.agent.definition
-            where = _rel(d.path, self.job.spec.root) if d is not None else "config"
+            where = rel_path(d.path, self.job.spec.root) if d is not None else "config"
             return f"<system prompt: {where}>"
         return self.system_prompt
 
@@ -214,13 +215,6 @@ class Call:
     def cleanup(self) -> None:
         for path in self._temps:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 class PresetRunner(CommandRunner):
