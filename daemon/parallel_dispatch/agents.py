@@ -50,6 +50,11 @@ class AgentSpec:
     def system_prompt(self) -> str:
         return self.definition.system_prompt if self.definition is not None else ""
 
+    @property
+    def has_placeholders(self) -> bool:
+        """Whether the argv differs between tasks (then `describe` can't be cached)."""
+        return any(_PLACEHOLDER_RE.search(arg) for arg in self.command)
+
     def argv(self, values: Mapping[str, str]) -> list[str]:
         """Expand `{agent}`-style placeholders; other braces are left alone."""
         return [_PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], arg) for arg in self.command]

@@ -62,11 +62,12 @@ class Graph:
             rest[i] = weight[i] + tail
         return rest
 
-    def critical_path(self, weight: Sequence[float]) -> list[int]:
-        """The heaviest chain from a root to a leaf."""
+    def critical_path(self, weight: Sequence[float],
+                      rest: Sequence[float] | None = None) -> list[int]:
+        """The heaviest chain from a root to a leaf (`rest`: `remaining_path`, if known)."""
         if not self.ids:
             return []
-        rest = self.remaining_path(weight)
+        rest = rest if rest is not None else self.remaining_path(weight)
         roots = [i for i in range(len(self.ids)) if not self.deps[i]]
         node = max(roots, key=lambda i: (rest[i], -i))
         path = [node]

@@ -68,8 +68,10 @@ class Scheduler:
         self._instant: Callable[[Job], Outcome] | None = (
             getattr(runner, "run_now", None) if reuse is None and limiter is None else None)
         weights = _weights(spec, durations or {})
-        self.plan = Plan.with_weights(spec.graph, weights)
-        self.result.critical_path = [spec.graph.ids[i] for i in spec.graph.critical_path(weights)]
+        rest = spec.graph.remaining_path(weights)
+        self.plan = Plan(spec.graph, rest)
+        self.result.critical_path = [
+            spec.graph.ids[i] for i in spec.graph.critical_path(weights, rest)]
         self._scopes: dict[int, trio.CancelScope] = {}
         self._started: dict[int, float] = {}
         self._backoffs: dict[int, trio.CancelScope] = {}

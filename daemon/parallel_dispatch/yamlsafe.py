@@ -135,9 +135,9 @@ class _Builder:
         map_start, seq_start = yaml.MappingStartEvent, yaml.SequenceStartEvent
         ends = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
         loader = _Loader(text)
+        next_event = loader.get_event  # returns None at the end; no check_event round trip
         try:
-            while loader.check_event():
-                event = loader.get_event()
+            while (event := next_event()) is not None:
                 kind = event.__class__
                 if kind is scalar_t:
                     self.nodes += 1

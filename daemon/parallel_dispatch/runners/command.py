@@ -37,6 +37,7 @@ class CommandRunner:
         self.base_env = env
         self.grace = grace
         self.registry = registry
+        self._described: dict[tuple[tuple[str, ...], str], str] = {}
 
     def argv(self, job: Job, output: Path | str, prompt: str) -> list[str]:
         values = {
@@ -73,9 +74,17 @@ class CommandRunner:
         return {"on_spawn": lambda pid: reg.add(pid, job.run_id), "on_reaped": reg.remove}
 
     def describe(self, job: Job) -> str:
+        agent = job.agent
+        key = (agent.command, agent.prompt_mode)
+        constant = not agent.has_placeholders
+        if constant and key in self._described:  # plans of 50,000 shell tasks
+            return self._described[key]
         argv = self.argv(job, job.spec.output_text(job.index), "<prompt>")
-        how = "prompt on stdin" if job.agent.prompt_mode == "stdin" else "prompt as last argument"
-        return f"{' '.join(argv)}  ({how})"
+        how = "prompt on stdin" if agent.prompt_mode == "stdin" else "prompt as last argument"
+        text = f"{' '.join(argv)}  ({how})"
+        if constant:
+            self._described[key] = text
+        return text
 
     async def run(self, job: Job) -> Outcome:
         staging = staging_for(job.spec, job.index, job.run_id, job.attempt)
