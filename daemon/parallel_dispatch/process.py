@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
@@ -89,7 +90,8 @@ async def _start(
     task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await trio.run_process(
-        list(argv), stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=dict(env),
+        list(argv), stdin=stdin or subprocess.DEVNULL,  # no pipe and feeder task for nothing
+        stdout=stdout, stderr=stderr, cwd=cwd, env=dict(env),
         check=False, start_new_session=True, deliver_cancel=make_group_killer(grace),
         task_status=task_status,
     )
