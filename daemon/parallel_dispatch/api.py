@@ -38,11 +38,12 @@ def new_run_id() -> str:
 def overrides_from(
     *, max_parallel: int | None = None, timeout_ms: int | None = None,
     output_dir: str | None = None, on_failure: str | None = None,
-    max_cost_usd: float | None = None,
+    max_cost_usd: float | None = None, idle_timeout_ms: int | None = None,
 ) -> dict[str, Any]:
     """CLI-flag layer of the settings precedence (None = not given)."""
     return {"max_parallel": max_parallel, "timeout_per_task": timeout_ms,
-            "output_dir": output_dir, "on_failure": on_failure, "max_cost_usd": max_cost_usd}
+            "output_dir": output_dir, "on_failure": on_failure, "max_cost_usd": max_cost_usd,
+            "idle_timeout": idle_timeout_ms}
 
 
 def new_result(spec: DispatchSpec, run_id: str | None = None, dry_run: bool = False) -> RunResult:
@@ -179,11 +180,12 @@ async def run_dispatch(
     runner: Runner | None = None,
     handle_signals: bool = False,
     max_cost_usd: float | None = None,
+    idle_timeout_ms: int | None = None,
 ) -> RunResult:
     """Validate `task_file` (raising `TaskFileError`) and run it."""
     spec = load_spec(task_file, config_path=config_path, overrides=overrides_from(
         max_parallel=max_parallel, timeout_ms=timeout_ms, output_dir=output_dir,
-        on_failure=on_failure, max_cost_usd=max_cost_usd))
+        on_failure=on_failure, max_cost_usd=max_cost_usd, idle_timeout_ms=idle_timeout_ms))
     return await run_spec(spec, runner=runner, dry_run=dry_run, progress=progress,
                           handle_signals=handle_signals)
 

@@ -58,6 +58,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="maximum concurrent agents (default 4)")
     p.add_argument("--timeout", type=_positive_int, metavar="MS",
                    help="per-task timeout in milliseconds (default 120000)")
+    p.add_argument("--idle-timeout", type=_positive_int, metavar="MS",
+                   help="kill an agent as 'stalled' once it has printed nothing for this "
+                        "long (default off)")
     p.add_argument("--output", metavar="DIR", help="output directory (default .aiwg/working/)")
     p.add_argument("--on-failure", choices=("continue", "stop", "retry"),
                    help="failure handling (default continue)")
@@ -195,7 +198,8 @@ def _validate(files: list[str], config: str | None) -> int:
 def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.task_file, config_path=args.config, overrides=overrides_from(
         max_parallel=args.max_parallel, timeout_ms=args.timeout, output_dir=args.output,
-        on_failure=args.on_failure, max_cost_usd=args.max_cost))
+        on_failure=args.on_failure, max_cost_usd=args.max_cost,
+        idle_timeout_ms=args.idle_timeout))
     progress = for_stream(sys.stderr, quiet=args.quiet)
     gc.freeze()  # the spec lives as long as the process: keep the collector off it
     if args.dry_run:

@@ -129,6 +129,8 @@ class ResolvedSettings:
     retry_backoff: float
     max_cost_usd: float | None = None
     """Budget: no task starts once the run's reported cost reaches it."""
+    idle_timeout: int | None = None
+    """Milliseconds of agent silence before it is killed as stalled (None: off)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -139,6 +141,7 @@ class ResolvedSettings:
             "max_retries": self.max_retries,
             "retry_backoff": self.retry_backoff,
             "max_cost_usd": self.max_cost_usd,
+            "idle_timeout": self.idle_timeout,
         }
 
 
@@ -206,6 +209,8 @@ def resolve_settings(
         retry_backoff=float(merged["retry_backoff"]),
         max_cost_usd=(float(merged["max_cost_usd"])
                       if merged.get("max_cost_usd") is not None else None),
+        idle_timeout=(int(merged["idle_timeout"])
+                      if merged.get("idle_timeout") is not None else None),
     )
 
 

@@ -39,6 +39,9 @@ class Settings(_Strict):
     max_cost_usd: Annotated[float, Field(gt=0)] | None = Field(
         None, description="Budget in USD: once the cost reported by the agents reaches it, "
         "no new task starts (running ones finish).")
+    idle_timeout: PositiveMs | None = Field(
+        None, description="Milliseconds an agent may print nothing before it is killed as "
+        "'stalled' (default: off).")
 
 
 class Task(_Strict):
@@ -55,6 +58,9 @@ class Task(_Strict):
         default_factory=list, description="Ids of tasks that must succeed first.")
     timeout: PositiveMs | None = Field(
         None, description="This task's timeout in milliseconds (overrides every other setting).")
+    idle_timeout: PositiveMs | None = Field(
+        None, description="Milliseconds this task's agent may print nothing before it is "
+        "killed as 'stalled' (overrides settings).")
     retries: Annotated[StrictInt, Field(ge=0)] | None = Field(
         None, description="Retries for this task, under any on_failure policy.")
     inputs: InputsMode | None = Field(

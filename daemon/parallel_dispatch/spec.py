@@ -71,6 +71,11 @@ class DispatchSpec:
         ms = self.tasks[i].timeout or self.settings.timeout_per_task
         return ms / 1000.0
 
+    def idle_timeout_s(self, i: int) -> float | None:
+        """Seconds of silence after which the agent is stalled; None when off."""
+        ms = self.tasks[i].idle_timeout or self.settings.idle_timeout
+        return ms / 1000.0 if ms else None
+
     def max_attempts(self, i: int) -> int:
         """1 + retries: a task's `retries` applies under any policy."""
         task = self.tasks[i]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..agents import AgentSpec
+from ..events import Activity, Cause
 from ..model import Task
 from ..spec import DispatchSpec
 
@@ -25,6 +26,8 @@ class Job:
     index: int
     attempt: int
     run_id: str
+    activity: Activity | None = field(default=None, compare=False)
+    """Where the runner reports the agent's live output and events (None: nobody asks)."""
 
     @property
     def task(self) -> Task:
@@ -61,6 +64,9 @@ class Outcome:
     retry_after: float | None = None
     """Seconds the service asked us to wait (HTTP 429 Retry-After); the retry waits at least
     this long."""
+    cause: Cause | None = None
+    """Set when the provider could not be used (bad credentials, unreachable, rate limit,
+    overloaded...): the task ends `provider_error` instead of `failed`."""
 
 
 class Runner(Protocol):

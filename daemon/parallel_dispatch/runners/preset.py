@@ -14,22 +14,30 @@ land in `Outcome.metrics` (cost_usd, input_tokens, output_tokens, turns, ...).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar, Literal
+
+import trio
 
 from ..agents import AgentSpec
+from ..events import CAUSES, Activity, AgentEvent, Cause
 from ..fmt import rel_path
 from ..inputs import compose_prompt
 from ..outputs import Staging, open_creating_dirs, staging_for
-from ..process import run_in_group
+from ..process import Exit, run_in_group
 from .base import Job, Outcome
 from .command import CommandRunner, _exit_message, _header
+from .stream import LogBudget, pipe, pump
+
+StreamName = Literal["stdout", "stderr"]
 
 ARG_SAFE_BYTES = 100_000
 """Linux refuses one argv string over 128 KiB (MAX_ARG_STRLEN); longer system prompts take
@@ -154,6 +162,8 @@ class Parsed:
     retryable: bool = True
     metrics: dict[str, Any] = field(default_factory=dict)
     retry_after: float | None = None
+    cause: Cause | None = None
+    """Set when the provider could not be used (see events.CAUSES)."""
 
 
 @dataclass
@@ -258,6 +268,22 @@ class PresetRunner(CommandRunner):
         suffix = f" (exit code {code})" if code else ""
         return Parsed(ok=False, error=message + suffix, retryable=True)
 
+    def watch(self, call: Call, line: str, stream: StreamName) -> AgentEvent | None:
+        """Read one line of the tool's live output; return an event when it says something
+        worth showing (a retry, a tool call, a provider error).  Lines arrive as printed;
+        the whole stdout is still given to `parse` at the end."""
+        return None
+
+    def provider_error(self, cause: Cause, message: str, retry_after: float | None = None,
+                       retryable: bool | None = None) -> Parsed:
+        """The provider could not be used: named by cause, retried only where that helps
+        (never bad credentials or an exhausted quota)."""
+        if retryable is None:
+            retryable = cause not in ("auth", "quota", "bad_request")
+        hint = f"; {self.auth_hint}" if cause == "auth" else ""
+        return Parsed(ok=False, cause=cause, retryable=retryable, retry_after=retry_after,
+                      error=f"{CAUSES[cause]}: {message.strip()}{hint}")
+
     def describe(self, job: Job) -> str:
         call = self._call(job, _staging_guess(job), show=True)
         inv = self.build(call)
@@ -298,27 +324,31 @@ class PresetRunner(CommandRunner):
             for path, text in inv.files.items():
                 path.write_text(text, encoding="utf-8")
             capture = call.scratch / "stdout"
-            offset = log.tell()
+            watcher = _Watcher(self, call, job.activity or Activity())
             with open(capture, "wb") as out:
                 try:
-                    result = await run_in_group(
-                        inv.argv, cwd=str(job.spec.root), env=env, stdin=inv.stdin.encode(),
-                        stdout=out, stderr=log, grace=self.grace, **self._registry_hooks(job))
+                    result = await self._spawn(inv, job, env, log, out, watcher)
                 except OSError as exc:
                     msg = f"{self.name} runner: cannot start '{inv.argv[0]}': {exc.strerror or exc}"
                     log.write(f"error: {msg}\n".encode())
                     return Outcome(ok=False, error=msg, retryable=False)
             stdout = capture.read_bytes()
-            parsed = self.parse(call, result.returncode, stdout, _read_from(job.log_path, offset))
             log.write(f"=== exit code {result.returncode}\n".encode())
+            if watcher.fatal is not None:
+                ev = watcher.fatal
+                parsed = Parsed(ok=False, error=ev.text, cause=ev.cause, retryable=False,
+                                retry_after=ev.retry_after)
+                parsed.metrics = self.parse(call, result.returncode, stdout,
+                                            watcher.stderr_text()).metrics
+            else:
+                parsed = self.parse(call, result.returncode, stdout, watcher.stderr_text())
             if not parsed.ok:
                 msg = f"{self.name} runner: {parsed.error}"
                 log.write(f"error: {msg}\n".encode())
-                if stdout.strip():
-                    log.write(b"=== stdout of the failed call:\n" + stdout[-STDERR_KEEP:] + b"\n")
+                log.flush()
                 return Outcome(ok=False, exit_code=result.returncode, pid=result.pid, error=msg,
                                retryable=parsed.retryable, metrics=parsed.metrics,
-                               retry_after=parsed.retry_after)
+                               retry_after=parsed.retry_after, cause=parsed.cause)
         text = parsed.text or ""
         if text and not text.endswith("\n"):
             text += "\n"
@@ -327,20 +357,97 @@ class PresetRunner(CommandRunner):
         return Outcome(ok=True, exit_code=result.returncode, pid=result.pid,
                        metrics=parsed.metrics)
 
+    async def _spawn(self, inv: Invocation, job: Job, env: dict[str, str], log: IO[bytes],
+                     capture: IO[bytes], watcher: _Watcher) -> Exit:
+        """Run the tool with both streams piped through `pump`, so its events are seen live
+        and kept in the log.  A fatal event (bad credentials) stops it at once."""
+        r_out, w_out = pipe()
+        r_err, w_err = pipe()
+        writers = [w_out, w_err]
+
+        def close_writers() -> None:
+            while writers:
+                os.close(writers.pop())
+
+        hooks = self._registry_hooks(job)
+        registered = hooks.get("on_spawn")
+
+        def on_spawn(pid: int) -> None:
+            close_writers()  # the child holds them now; EOF comes when its group is gone
+            if registered is not None:
+                registered(pid)
+
+        hooks["on_spawn"] = on_spawn
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(pump, r_out, log=log, capture=capture,
+                                           on_line=watcher.stdout_line, budget=LogBudget()))
+                nursery.start_soon(partial(pump, r_err, log=log, on_line=watcher.stderr_line,
+                                           budget=LogBudget()))
+                r_out = r_err = -1
+                with trio.CancelScope() as stop:
+                    watcher.stop_scope = stop
+                    result = await run_in_group(
+                        inv.argv, cwd=str(job.spec.root), env=env, stdin=inv.stdin.encode(),
+                        stdout=w_out, stderr=w_err, grace=self.grace, **hooks)
+                if stop.cancelled_caught:
+                    result = Exit(-1, -1)
+                # Every writer is dead now (the group was killed); a process that left the
+                # group could still hold a pipe: do not wait for it.
+                nursery.cancel_scope.deadline = trio.current_time() + PUMP_DRAIN_S
+        finally:
+            close_writers()
+            for fd in (r_out, r_err):
+                if fd >= 0:
+                    os.close(fd)
+        return result
+
+
+PUMP_DRAIN_S = 2.0
+"""How long the pumps may drain the pipes after the agent's group is gone."""
+
+
+class _Watcher:
+    """Hands each line to the preset's `watch` and the attempt's `Activity`; keeps the
+    tail of stderr for `parse`."""
+
+    def __init__(self, runner: PresetRunner, call: Call, activity: Activity) -> None:
+        self.runner = runner
+        self.call = call
+        self.activity = activity
+        self.fatal: AgentEvent | None = None
+        self.stop_scope: trio.CancelScope | None = None
+        self._stderr: list[str] = []
+        self._stderr_len = 0
+
+    def stdout_line(self, line: str) -> None:
+        self._line(line, "stdout")
+
+    def stderr_line(self, line: str) -> None:
+        self._stderr.append(line)
+        self._stderr_len += len(line) + 1
+        while self._stderr_len > STDERR_KEEP and len(self._stderr) > 1:
+            self._stderr_len -= len(self._stderr.pop(0)) + 1
+        self._line(line, "stderr")
+
+    def stderr_text(self) -> str:
+        return "\n".join(self._stderr) + ("\n" if self._stderr else "")
+
+    def _line(self, line: str, stream: StreamName) -> None:
+        try:
+            ev = self.runner.watch(self.call, line, stream)
+        except Exception as exc:  # a parsing bug must not lose the run
+            ev = AgentEvent(f"could not read an event: {exc!r}")
+        if ev is None:
+            self.activity.saw_output()
+            return
+        self.activity.event(ev)
+        if ev.fatal and self.fatal is None:
+            self.fatal = ev
+            if self.stop_scope is not None:
+                self.stop_scope.cancel()
+
 
 def _staging_guess(job: Job) -> Staging:
     """Where an attempt *would* stage (for describe/plan); nothing is created."""
     return staging_for(job.spec, job.index, job.run_id, job.attempt)
-
-
-def _read_from(path: Path, offset: int) -> str:
-    """What the tool wrote to stderr (the log past `offset`), at most the last 64 KiB."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            end = fh.tell()
-            fh.seek(max(offset, end - STDERR_KEEP))
-            data = fh.read()
-    except OSError:
-        return ""
-    return data.decode("utf-8", errors="replace")
