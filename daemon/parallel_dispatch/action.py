@@ -20,6 +20,7 @@ from typing import Any
 from . import github as gh
 from . import workflow_commands as wc
 from .errors import DispatchError, TaskFileError
+from .result import PROBLEMS, VERBS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 FAIL_ON = ("failure", "never")
@@ -157,7 +158,8 @@ def _counts(report: Mapping[str, Any]) -> dict[str, int]:
     s = report.get("summary", {})
     return {
         "succeeded": int(s.get("succeeded", 0)),
-        "failed": int(s.get("failed", 0)) + int(s.get("timed_out", 0)),
+        "failed": (int(s.get("failed", 0)) + int(s.get("timed_out", 0))
+                   + int(s.get("provider_errors", 0)) + int(s.get("stalled", 0))),
         "skipped": int(s.get("skipped", 0)) + int(s.get("cancelled", 0)),
     }
 
@@ -169,9 +171,9 @@ def _clip(line: str, limit: int = ANNOTATION_LINE_CHARS) -> str:
 def _annotate(report: Mapping[str, Any]) -> None:
     for task in report.get("tasks", []):
         status = task.get("status")
-        if status not in ("failed", "timeout"):
+        if status not in PROBLEMS:
             continue
-        verb = "timed out" if status == "timeout" else "failed"
+        verb = VERBS.get(str(status), str(status))
         lines = [str(task.get("error") or f"exit code {task.get('exit_code')}")]
         tail = [_clip(str(x)) for x in task.get("log_tail") or []][-ANNOTATION_LOG_LINES:]
         if tail:

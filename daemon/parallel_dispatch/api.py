@@ -23,7 +23,7 @@ from .loader import load_spec
 from .outputs import clean_staging
 from .progress import NullProgress, Progress
 from .report import write_reports
-from .result import RunResult, TaskRecord
+from .result import COUNTED, PROBLEMS, RunResult, TaskRecord
 from .runners import DryRunRunner, Runner, RunnerSet
 from .scheduler import Scheduler
 from .spec import DispatchSpec
@@ -139,7 +139,7 @@ def _recorder(result: RunResult, state: State) -> Callable[[TaskRecord], None]:
         if rec.status == "succeeded":
             state.record(rec.id, duration_s=round(rec.busy_s, 3), status="succeeded",
                          finished_run=result.run_id)
-        elif rec.status in ("failed", "timeout"):
+        elif rec.status in PROBLEMS:
             state.record(rec.id, status=rec.status, finished_run=result.run_id)
         # cached, skipped, cancelled: the last real result still stands
 
@@ -150,7 +150,7 @@ def _finish(result: RunResult, state: State) -> None:
     clean_staging(result.spec, result.run_id)
     state.update_run(finished_at=result.finished_at, status=result.status,
                      **{k: result.count(k) for k in
-                        ("succeeded", "cached", "failed", "timeout", "skipped", "cancelled")})
+                        COUNTED})
     state.save()
     write_reports(result)
 

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="DIR")
     p.add_argument("--on-failure", choices=("continue", "stop", "retry"))
     p.add_argument("--max-cost", type=_positive_float, metavar="USD")
+    p.add_argument("--idle-timeout", type=_positive_int, metavar="MS")
     p.add_argument("--config", metavar="PATH")
     sub.add_parser("schema", help="print the JSON Schema of task files")
     ag = sub.add_parser("agents", help="list the agents tasks can name: runner, model, file")

@@ -37,7 +37,7 @@ from .loader import load_spec
 from .orphans import REGISTRY_DIR, AgentRegistry
 from .progress import PlainProgress
 from .report import write_error_report
-from .result import RunResult, TaskRecord
+from .result import COUNTED, PROBLEMS, RunResult, TaskRecord
 from .runners import RunnerSet
 from .scheduler import Scheduler
 from .sdnotify import Notifier, watchdog_loop
@@ -381,7 +381,7 @@ class Daemon:
         r = fs.result
         log.info("[%s] run %s %s: %d succeeded, %d cached, %d failed, %d skipped; report %s",
                  fs.name, r.run_id, r.status, r.count("succeeded"), r.count("cached"),
-                 r.count("failed") + r.count("timeout"), r.count("skipped"),
+                 sum(r.count(p) for p in PROBLEMS), r.count("skipped"),
                  r.report_md_path)
 
     def _up_to_date(self, spec: DispatchSpec) -> bool:
@@ -448,8 +448,7 @@ class Daemon:
                     "running": fs.scheduler is not None,
                     "run_id": fs.scheduler.result.run_id if fs.scheduler else None,
                     "running_tasks": sorted(fs.running),
-                    "done": (sum(1 for r in fs.scheduler.records if r.status in (
-                        "succeeded", "cached", "failed", "timeout", "skipped", "cancelled"))
+                    "done": (sum(1 for r in fs.scheduler.records if r.status in COUNTED)
                         if fs.scheduler else None),
                     "total": len(fs.scheduler.records) if fs.scheduler else None,
                 }

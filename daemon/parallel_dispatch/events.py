@@ -70,6 +70,11 @@ class Activity:
         self._idle_s = idle_s
         scope.deadline = trio.current_time() + idle_s
 
+    @property
+    def idle_s(self) -> float | None:
+        """The armed idle limit, if any (runners that cannot see lines poll instead)."""
+        return self._idle_s if self._idle_scope is not None else None
+
     def saw_output(self) -> None:
         now = trio.current_time()
         self.last_output_at = now

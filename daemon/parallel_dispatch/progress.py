@@ -10,25 +10,34 @@ import sys
 import time
 from typing import Protocol, TextIO
 
+from .events import AgentEvent
 from .result import RunResult, TaskRecord
 
 _MARK = {"succeeded": "✓", "cached": "≡", "failed": "✗", "timeout": "⏱", "skipped": "↷",
-         "cancelled": "⊘", "planned": "·"}
+         "cancelled": "⊘", "planned": "·", "provider_error": "⚠", "stalled": "⏸"}
+
+EVENT_LINE_EVERY_S = 5.0
+"""Plain progress prints a task's retry/error events at most this often (unless the text
+changes): a client retrying every 200 ms must not flood a CI log."""
 
 
 class Progress(Protocol):
     def run_started(self, result: RunResult) -> None: ...
     def task_started(self, rec: TaskRecord) -> None: ...
+    def task_event(self, rec: TaskRecord, event: AgentEvent) -> None: ...
     def task_retrying(self, rec: TaskRecord, delay: float) -> None: ...
     def task_finished(self, rec: TaskRecord) -> None: ...
+    def note(self, text: str) -> None: ...
     def run_finished(self, result: RunResult) -> None: ...
 
 
 class NullProgress:
     def run_started(self, result: RunResult) -> None: ...
     def task_started(self, rec: TaskRecord) -> None: ...
+    def task_event(self, rec: TaskRecord, event: AgentEvent) -> None: ...
     def task_retrying(self, rec: TaskRecord, delay: float) -> None: ...
     def task_finished(self, rec: TaskRecord) -> None: ...
+    def note(self, text: str) -> None: ...
     def run_finished(self, result: RunResult) -> None: ...
 
 
@@ -52,6 +61,7 @@ class PlainProgress:
         self.t0 = time.monotonic()
         self.total = 0
         self.done = 0
+        self._shown: dict[str, tuple[float, str]] = {}
 
     def _line(self, text: str) -> None:
         self.stream.write(f"[{time.monotonic() - self.t0:7.1f}s] {text}\n")
@@ -68,19 +78,39 @@ class PlainProgress:
         attempt = f" (attempt {rec.attempts})" if rec.attempts > 1 else ""
         self._line(f"▶ {rec.id} [{rec.agent}]{attempt}")
 
+    def task_event(self, rec: TaskRecord, event: AgentEvent) -> None:
+        """Retries and errors get a line (throttled per task); other events only feed
+        the live line."""
+        if event.kind not in ("retry", "error"):
+            return
+        now = time.monotonic()
+        last = self._shown.get(rec.id)
+        if last is not None and last[1] == event.text and now - last[0] < EVENT_LINE_EVERY_S:
+            return
+        if last is not None and now - last[0] < EVENT_LINE_EVERY_S / 5:
+            return
+        self._shown[rec.id] = (now, event.text)
+        self._line(f"… {rec.id}: {event.text}")
+
     def task_retrying(self, rec: TaskRecord, delay: float) -> None:
         self._line(f"↻ {rec.id} {rec.status} ({rec.error}); retrying in {delay:.1f}s")
 
     def task_finished(self, rec: TaskRecord) -> None:
         self.done += 1
+        self._shown.pop(rec.id, None)
         self._line(f"{_describe_end(rec)}  [{self.done}/{self.total}]")
 
+    def note(self, text: str) -> None:
+        self._line(f"! {text}")
+
     def run_finished(self, result: RunResult) -> None:
-        self._line(f"finished: {result.status} — {result.count('succeeded')} succeeded, "
-                   f"{result.count('cached')} cached, "
-                   f"{result.count('failed')} failed, {result.count('timeout')} timed out, "
-                   f"{result.count('skipped')} skipped, {result.count('cancelled')} cancelled "
-                   f"in {result.wall_s:.1f}s")
+        counts = [f"{result.count('succeeded')} succeeded", f"{result.count('cached')} cached",
+                  f"{result.count('failed')} failed", f"{result.count('timeout')} timed out"]
+        for status, label in (("provider_error", "provider errors"), ("stalled", "stalled")):
+            if result.count(status):
+                counts.append(f"{result.count(status)} {label}")
+        counts += [f"{result.count('skipped')} skipped", f"{result.count('cancelled')} cancelled"]
+        self._line(f"finished: {result.status} — {', '.join(counts)} in {result.wall_s:.1f}s")
 
 
 class LiveProgress(PlainProgress):
@@ -89,6 +119,8 @@ class LiveProgress(PlainProgress):
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream)
         self.running: dict[str, float] = {}
+        self.events: dict[str, str] = {}
+        self._drawn = 0.0
 
     def _clear(self) -> None:
         self.stream.write("\r\x1b[2K")
@@ -100,11 +132,21 @@ class LiveProgress(PlainProgress):
 
     def redraw(self) -> None:
         now = time.monotonic()
+        self._drawn = now
         names = sorted(self.running, key=self.running.get)  # type: ignore[arg-type]
-        shown = ", ".join(f"{n} {now - self.running[n]:.0f}s" for n in names[:4])
+        width = _width(self.stream)
+        # Each shown task gets an equal share of the line for its latest event.
+        share = (width - 50) // max(1, min(len(names), 4))
+        pieces = []
+        for n in names[:4]:
+            piece = f"{n} {now - self.running[n]:.0f}s"
+            room = share - len(piece) - 3
+            if n in self.events and room >= 12:
+                piece += f" ({_short(self.events[n], room)})"
+            pieces.append(piece)
+        shown = ", ".join(pieces)
         if len(names) > 4:
             shown += f", +{len(names) - 4}"
-        width = 200
         running = f"running {len(names)}: {shown}" if names else "nothing running"
         status = f"[{self.done}/{self.total}] {now - self.t0:.0f}s elapsed · {running}"[:width]
         self._clear()
@@ -115,12 +157,21 @@ class LiveProgress(PlainProgress):
         self.running[rec.id] = time.monotonic()
         self.redraw()
 
+    def task_event(self, rec: TaskRecord, event: AgentEvent) -> None:
+        self.events[rec.id] = event.text
+        if event.kind in ("retry", "error"):
+            super().task_event(rec, event)
+        elif time.monotonic() - self._drawn >= 0.2:  # tokens stream fast: redraw calmly
+            self.redraw()
+
     def task_finished(self, rec: TaskRecord) -> None:
         self.running.pop(rec.id, None)
+        self.events.pop(rec.id, None)
         super().task_finished(rec)
 
     def task_retrying(self, rec: TaskRecord, delay: float) -> None:
         self.running.pop(rec.id, None)
+        self.events.pop(rec.id, None)
         super().task_retrying(rec, delay)
 
     def run_finished(self, result: RunResult) -> None:
@@ -129,6 +180,21 @@ class LiveProgress(PlainProgress):
         super().run_finished(result)
         self._clear()
         self.stream.flush()
+
+
+def _short(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _width(stream: TextIO) -> int:
+    """The terminal's width, so the live line never wraps (which would break redraws)."""
+    import os
+
+    try:
+        return max(20, os.get_terminal_size(stream.fileno()).columns - 1)
+    except (OSError, ValueError, AttributeError):
+        return 200
 
 
 def for_stream(stream: TextIO | None = None, quiet: bool = False) -> Progress:

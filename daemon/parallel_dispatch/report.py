@@ -16,8 +16,9 @@ from typing import Any
 
 from . import costs
 from .atomic import write_text
+from .events import CAUSES
 from .fmt import fmt_duration, now_iso, rel_path
-from .result import RunResult, TaskRecord
+from .result import PROBLEMS, RunResult, TaskRecord
 
 REPORT_MD = "dispatch-report.md"
 REPORT_JSON = "dispatch-report.json"
@@ -26,7 +27,7 @@ SCHEMA_VERSION = 1
 
 _MARK = {"succeeded": "✓", "cached": "≡ cached", "failed": "✗", "timeout": "⏱ timeout",
          "skipped": "↷ skipped", "cancelled": "⊘ cancelled", "planned": "· planned",
-         "pending": "…"}
+         "pending": "…", "provider_error": "⚠ provider error", "stalled": "⏸ stalled"}
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> list[str]:
@@ -68,7 +69,7 @@ def _wave_status(recs: Iterable[TaskRecord]) -> str:
         return "succeeded"
     if statuses <= {"planned"}:
         return "planned"
-    if statuses & {"failed", "timeout"}:
+    if statuses & set(PROBLEMS):
         return "failed"
     if "cancelled" in statuses:
         return "cancelled"
@@ -98,7 +99,9 @@ def to_json(result: RunResult) -> dict[str, Any]:
             "exit_code": r.exit_code,
             "error": r.error,
             "reason": r.reason,
-            "log_tail": log_tail(r.log_path) if r.status in ("failed", "timeout") else [],
+            "cause": r.cause,
+            "last_event": r.last_event,
+            "log_tail": log_tail(r.log_path) if r.status in PROBLEMS else [],
         }
         entry.update({**costs.EMPTY, **r.metrics})
         tasks.append(entry)
@@ -118,6 +121,8 @@ def to_json(result: RunResult) -> dict[str, Any]:
             "succeeded": result.count("succeeded"),
             "failed": result.count("failed"),
             "timed_out": result.count("timeout"),
+            "provider_errors": result.count("provider_error"),
+            "stalled": result.count("stalled"),
             "skipped": result.count("skipped"),
             "cancelled": result.count("cancelled"),
             "cached": result.count("cached"),
@@ -149,6 +154,8 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
         f"- **Total Time**: {fmt_duration(s['total_time_s'])}",
         f"- **Parallel Efficiency**: {round(100 * s['parallel_efficiency'])}%",
         f"- **Timed out**: {s['timed_out']}",
+        f"- **Provider errors**: {s['provider_errors']}",
+        f"- **Stalled**: {s['stalled']}",
         f"- **Skipped**: {s['skipped']}",
         f"- **Cancelled**: {s['cancelled']}",
         f"- **Cached**: {s['cached']}",
@@ -187,7 +194,8 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
         lines += ["", "## Problems", ""]
         for t in problems:
             why = t["reason"] or t["error"] or t["status"]
-            lines.append(f"### {t['id']} — {t['status']}")
+            cause = f" ({CAUSES.get(t['cause'], t['cause'])})" if t.get("cause") else ""
+            lines.append(f"### {t['id']} — {t['status']}{cause}")
             lines.append("")
             lines.append(_md_escape_line(why))
             if t["log_tail"]:
@@ -221,7 +229,7 @@ def _gantt(data: dict[str, Any]) -> list[str]:
     by_wave: dict[int, list[dict[str, Any]]] = {}
     for t in rows:
         by_wave.setdefault(t["wave"], []).append(t)
-    tag = {"succeeded": "done", "failed": "crit", "timeout": "crit", "cancelled": "crit"}
+    tag = {"succeeded": "done", "cancelled": "crit", **{p: "crit" for p in PROBLEMS}}
     for wave in sorted(by_wave):
         out.append(f"    section Wave {wave}")
         for t in by_wave[wave]:

@@ -8,7 +8,18 @@ from typing import Any
 
 from .spec import DispatchSpec
 
-FINAL = ("succeeded", "cached", "failed", "timeout", "skipped", "cancelled", "planned")
+PROBLEMS = ("failed", "timeout", "provider_error", "stalled")
+"""The task ran and produced no output.  `failed`: the agent ran and failed;
+`provider_error`: the provider could not be used (bad credentials, unreachable, rate
+limit, overloaded); `timeout`: the deadline passed; `stalled`: the agent went silent for
+longer than `idle_timeout`."""
+COUNTED = ("succeeded", "cached", *PROBLEMS, "skipped", "cancelled")
+"""Every status a finished task of a real run can have, in report order."""
+FINAL = (*COUNTED, "planned")
+
+VERBS = {"timeout": "timed out", "failed": "failed", "provider_error": "hit a provider error",
+         "stalled": "stalled", "cancelled": "was cancelled", "skipped": "was skipped"}
+"""How a status reads after a task id: "task 'a' timed out"."""
 
 
 @dataclass
@@ -29,6 +40,12 @@ class TaskRecord:
     error: str | None = None
     reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    cause: str | None = None
+    """For `provider_error`: auth, unreachable, rate_limit, quota, overloaded, server..."""
+    last_event: str | None = None
+    """The agent's last live event when the task ended ("API retry 3/10: 529 overloaded")."""
+    event: str | None = None
+    """The agent's latest live event while it runs (for progress and `status`)."""
 
     @property
     def output_path(self) -> Path:

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import trio
 
+from .events import CAUSES, Activity, AgentEvent
 from .incremental import Reuse
 from .plan import Plan
 from .progress import NullProgress, Progress
-from .result import RunResult, TaskRecord
+from .result import VERBS, RunResult, TaskRecord
 from .runners.base import Job, Outcome, Runner
 from .spec import DispatchSpec
 
@@ -32,6 +33,9 @@ class _Finished:
     outcome: Outcome | None
     start: float
     end: float
+    last_event: AgentEvent | None = None
+    last_event_text: str | None = None
+    """'last event 3 s ago: …', as it read when the attempt ended."""
 
 
 @dataclass
@@ -80,6 +84,10 @@ class Scheduler:
         self.spent_usd = 0.0
         """Cost reported by finished attempts, for the `max_cost_usd` budget."""
         self._budget_note: str | None = None
+        self._rejected: dict[tuple[object, ...], str] = {}
+        """Credential key → the task whose provider rejected those credentials."""
+        self._blocked: dict[int, str] = {}
+        """Attempts cancelled because their runner's credentials were rejected."""
 
     # -- public control -----------------------------------------------------------
     def interrupt(self, why: str = "run interrupted") -> None:
@@ -103,6 +111,8 @@ class Scheduler:
                 while (self._stopping is None and running < self.spec.settings.max_parallel
                        and self.plan.has_ready() and not self._over_budget()):
                     i = self.plan.pop_ready()
+                    if self._credentials_rejected(i):
+                        continue
                     if self._instant is not None:  # e.g. a dry run: no task, no await
                         self._handle(self._run_instantly(i, self._instant), nursery, send)
                         continue
@@ -173,34 +183,60 @@ class Scheduler:
 
     async def _attempt_in_slot(self, i: int, rec: TaskRecord) -> _Finished:
         rec.attempts += 1
-        job = Job(self.spec, i, rec.attempts, self.result.run_id)
+        rec.event = None
+        activity = Activity(on_event=lambda ev: self._on_event(rec, ev))
+        job = Job(self.spec, i, rec.attempts, self.result.run_id, activity=activity)
         start = self._started[i] = self._now()
         if rec.start_s is None:
             rec.start_s = start
         rec.status = "running"
         self.progress.task_started(rec)
         outcome: Outcome | None = None
-        # The deadline is decided here, so this is where its cancel scope opens.
+        idle_s = self.spec.idle_timeout_s(i)
+        # Both deadlines are decided here, so this is where their cancel scopes open: the
+        # task's timeout, and the idle deadline that each line of agent output pushes on.
         with trio.move_on_after(self.spec.timeout_s(i)) as deadline:
-            try:
-                outcome = await self.runner.run(job)
-            except Exception as exc:  # a runner bug must not take the run down
-                outcome = Outcome(ok=False, error=f"runner error: {exc!r}", retryable=False)
-        if deadline.cancelled_caught or outcome is None:
+            with trio.CancelScope() as idle:
+                if idle_s is not None:
+                    activity.arm_idle(idle, idle_s)
+                try:
+                    outcome = await self.runner.run(job)
+                except Exception as exc:  # a runner bug must not take the run down
+                    outcome = Outcome(ok=False, error=f"runner error: {exc!r}",
+                                      retryable=False)
+        if deadline.cancelled_caught:
             status = "timeout"
+        elif idle.cancelled_caught or outcome is None:
+            status = "stalled"
+        elif outcome.ok:
+            status = "succeeded"
         else:
-            status = "succeeded" if outcome.ok else "failed"
+            status = "provider_error" if outcome.cause is not None else "failed"
         if status == "succeeded" and self.reuse is not None:
             with trio.CancelScope(shield=True):  # the output is in place: record it
                 await self.reuse.succeeded(i)
-        return _Finished(i, rec.attempts, status, outcome, start, self._now())
+        return _Finished(i, rec.attempts, status, outcome, start, self._now(),
+                         activity.last_event, activity.describe_last())
+
+    def _on_event(self, rec: TaskRecord, ev: AgentEvent) -> None:
+        rec.event = ev.text
+        self.progress.task_event(rec, ev)
 
     def _handle(self, msg: _Finished, nursery: trio.Nursery,
                 send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
         i = msg.index
         rec = self.records[i]
-        if msg.status == "unstarted":
+        if msg.status == "unstarted" and i not in self._blocked:
             return  # stopped while queued: `_close_leftovers` reports it as not started
+        if i in self._blocked:  # cancelled because its runner's credentials were rejected
+            rec.end_s = msg.end
+            rec.busy_s += msg.end - msg.start
+            rec.status = "provider_error"
+            rec.cause = "auth"
+            rec.error = self._blocked.pop(i)
+            self._done(rec)
+            self._fail(i, rec)
+            return
         if msg.status == "cached":
             rec.status = "cached"
             rec.start_s = rec.end_s = msg.end
@@ -222,31 +258,100 @@ class Scheduler:
             cost = out.metrics.get("cost_usd")
             if isinstance(cost, int | float):
                 self.spent_usd += cost
-        if msg.status == "timeout":
+        status = msg.status
+        rec.last_event = msg.last_event.text if msg.last_event is not None else None
+        rec.cause = out.cause if out is not None and status == "provider_error" else None
+        if status in ("timeout", "stalled"):
             rec.exit_code = None
-            rec.error = (f"timed out after {self.spec.timeout_s(i):g}s; "
-                         "the agent's process group was killed")
-        if msg.status == "cancelled":
+            rec.error = self._deadline_error(i, status, msg)
+            ev = msg.last_event
+            if ev is not None and ev.cause is not None:
+                # The agent was waiting on the provider when the deadline hit: say so.
+                status = "provider_error"
+                rec.cause = ev.cause
+                rec.error = f"{CAUSES[ev.cause]}: {rec.error}"
+        if status == "cancelled":
             rec.error = f"cancelled: {self._stopping or 'run stopped'}"
-        if msg.status == "succeeded":
+        if status == "succeeded":
             rec.status = "succeeded"
             rec.error = None
             self.plan.succeeded(i)
             self._done(rec)
             return
-        retryable = msg.status == "timeout" or (out is not None and out.retryable)
-        if (msg.status in ("failed", "timeout") and retryable and self._stopping is None
-                and rec.attempts < self.spec.max_attempts(i)):
-            rec.status = msg.status
+        retryable = msg.status in ("timeout", "stalled") or (out is not None and out.retryable)
+        if (status in ("failed", "timeout", "stalled", "provider_error") and retryable
+                and self._stopping is None and rec.attempts < self.spec.max_attempts(i)):
+            rec.status = status
             delay = max(self._backoff(i, rec.attempts), (out and out.retry_after) or 0.0)
             self.progress.task_retrying(rec, delay)
             scope = trio.CancelScope()
             self._backoffs[i] = scope
             nursery.start_soon(self._sleep_then_retry, i, delay, scope, send)
             return
-        rec.status = msg.status
+        rec.status = status
+        self._done(rec)
+        if status == "provider_error" and rec.cause == "auth":
+            self._reject_credentials(i, rec)
+        self._fail(i, rec)
+
+    def _deadline_error(self, i: int, status: str, msg: _Finished) -> str:
+        if status == "timeout":
+            text = f"timed out after {self.spec.timeout_s(i):g}s"
+        else:
+            text = f"stalled: no output for {self.spec.idle_timeout_s(i):g}s"
+        last = msg.last_event_text or "the agent printed no event"
+        return f"{text} ({last}); the agent's process group was killed"
+
+    # -- bad credentials: one clear failure, not one per task ---------------------------
+    def _credential_key(self, i: int) -> tuple[object, ...] | None:
+        """Tasks sharing a runner preset and its environment share credentials."""
+        agent = self.spec.agents[i]
+        if agent.runner is None:
+            return None
+        return (agent.runner, tuple(sorted(agent.env.items())))
+
+    def _reject_credentials(self, i: int, rec: TaskRecord) -> None:
+        """Stop every other task of this runner: they would be refused the same way."""
+        key = self._credential_key(i)
+        if key is None or key in self._rejected:
+            return
+        self._rejected[key] = rec.id
+        runner = self.spec.agents[i].runner
+        others = 0
+        for j, scope in list(self._scopes.items()):
+            if j != i and self._credential_key(j) == key:
+                self._blocked[j] = self._rejected_message(j)
+                scope.cancel()
+                others += 1
+        for j, scope in list(self._backoffs.items()):
+            if self._credential_key(j) == key:
+                scope.cancel()
+        self.result.notes.append(
+            f"Bad credentials for the {runner} runner (task '{rec.id}'): {rec.error}. "
+            f"Its other tasks were stopped or not started.")
+        if others:
+            self.progress.note(f"{runner} runner: bad credentials; stopping {others} "
+                               f"running task(s) of it")
+
+    def _rejected_message(self, i: int) -> str:
+        key = self._credential_key(i)
+        first = self._rejected.get(key) if key is not None else None
+        runner = self.spec.agents[i].runner
+        return (f"bad credentials: the {runner} runner's credentials were rejected in task "
+                f"'{first}'; not run")
+
+    def _credentials_rejected(self, i: int) -> bool:
+        """A ready task whose runner's credentials were rejected ends at once."""
+        key = self._credential_key(i)
+        if key is None or key not in self._rejected:
+            return False
+        rec = self.records[i]
+        rec.status = "provider_error"
+        rec.cause = "auth"
+        rec.error = self._rejected_message(i)
         self._done(rec)
         self._fail(i, rec)
+        return True
 
     def _fail(self, i: int, rec: TaskRecord) -> None:
         if rec.status == "cancelled":
@@ -301,8 +406,7 @@ class Scheduler:
 
 
 def _verb(status: str) -> str:
-    return {"timeout": "timed out", "failed": "failed", "cancelled": "was cancelled",
-            "skipped": "was skipped"}.get(status, status)
+    return VERBS.get(status, status)
 
 
 def _weights(spec: DispatchSpec, durations: Mapping[str, float]) -> list[float]:

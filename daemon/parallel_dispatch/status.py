@@ -17,6 +17,7 @@ from .daemon import STATUS_FILE, _name
 from .errors import DispatchError, TaskFileError
 from .loader import load_spec
 from .report import REPORT_JSON
+from .result import COUNTED
 from .state import State
 from .watcher import is_task_file
 
@@ -65,8 +66,7 @@ def render_status(project: Path, tasks_dir: Path | None = None) -> str:
         last = State.load(out).runs
         if last:
             counts = ", ".join(f"{last[k]} {k}" for k in
-                               ("succeeded", "cached", "failed", "timeout", "skipped",
-                                "cancelled") if last.get(k))
+                               COUNTED if last.get(k))
             when = last.get("finished_at") or last.get("started_at", "?")
             lines.append(f"  last run: {last.get('status', '?')} at {when} "
                          f"({counts or 'no tasks'}) — run {last.get('run_id', '?')}")

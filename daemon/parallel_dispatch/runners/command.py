@@ -13,7 +13,11 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext as _nullcontext
 from pathlib import Path
+from typing import IO
 
+import trio
+
+from ..events import Activity
 from ..inputs import compose_prompt, inputs_env
 from ..orphans import AgentRegistry
 from ..outputs import Staging, open_creating_dirs, staging_for
@@ -118,10 +122,14 @@ class CommandRunner:
             to_file = job.agent.output_mode == "stdout"
             with staging.open_stdout() if to_file else _nullcontext(log) as out:
                 try:
-                    result = await run_in_group(
-                        argv, cwd=str(job.spec.root), env=env,
-                        stdin=stdin, stdout=out, stderr=log, grace=self.grace,
-                        **self._registry_hooks(job))
+                    async with trio.open_nursery() as nursery:
+                        if job.activity is not None and job.activity.idle_s is not None:
+                            nursery.start_soon(_watch_growth, job.activity, out, log)
+                        result = await run_in_group(
+                            argv, cwd=str(job.spec.root), env=env,
+                            stdin=stdin, stdout=out, stderr=log, grace=self.grace,
+                            **self._registry_hooks(job))
+                        nursery.cancel_scope.cancel()
                 except OSError as exc:
                     msg = f"cannot start '{argv[0]}': {exc.strerror or exc}"
                     log.write(f"error: {msg}\n".encode())
@@ -135,6 +143,20 @@ class CommandRunner:
                            error="agent exited 0 but did not write its output "
                                  "(output = \"file\" expects it at {output})")
         return Outcome(ok=True, exit_code=0, pid=result.pid)
+
+
+async def _watch_growth(activity: Activity, *files: IO[bytes]) -> None:
+    """A command agent's output goes straight to files, so its liveness for
+    `idle_timeout` is their growth, checked a few times per idle period."""
+    idle = activity.idle_s or 1.0
+    interval = min(1.0, idle / 4)
+    sizes = [os.fstat(f.fileno()).st_size for f in files]
+    while True:
+        await trio.sleep(interval)
+        now = [os.fstat(f.fileno()).st_size for f in files]
+        if now != sizes:
+            sizes = now
+            activity.saw_output()
 
 
 def _wrote(staging: Staging) -> bool:
