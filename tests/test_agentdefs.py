@@ -291,7 +291,10 @@ def test_bad_files_do_not_hide_good_ones(project: Path, home: Path) -> None:
     (folder / "binary.md").write_bytes(b"\xff\xfe\x00")
     found = agentdefs.scan(project, home)
     assert found.names() == ["good"]
-    assert sorted(e.path.name for e in found.errors) == sorted([*BAD_FILES, "binary.md"])
+    not_agents = {"no-frontmatter.md"}  # skipped, not an error: see the tests below
+    assert sorted(e.path.name for e in found.errors) == sorted(
+        [*(set(BAD_FILES) - not_agents), "binary.md"])
+    assert [s.path.name for s in found.skipped] == ["no-frontmatter.md"]
     assert agentdefs.find("good", project, home) is not None
     assert agentdefs.discover(project, home).keys() == {"good"}
 
@@ -300,3 +303,39 @@ def test_error_is_a_dispatch_error() -> None:
     assert issubclass(AgentDefinitionError, DispatchError)
     error = AgentDefinitionError(Path("x.md"), None, "cannot read")
     assert str(error) == "x.md: error: cannot read"
+
+
+# --- files that are not agents ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["<AGENT_NAME>", "{{ name }}", "${AGENT}", "<Name> Reviewer"])
+def test_a_template_is_skipped_not_listed(project: Path, home: Path, name: str) -> None:
+    write(project / ".claude/agents/agent-template.md",
+          f"---\nname: {name!r}\ndescription: <DESCRIPTION>\nmodel: <MODEL>\n---\nbody\n")
+    write(project / ".claude/agents/real.md", agent_md("real"))
+    found = agentdefs.scan(project, home)
+    assert found.names() == ["real"] and found.errors == ()
+    [skipped] = found.skipped
+    assert skipped.reason == agentdefs.TEMPLATE
+    assert skipped.note() == f"skipped: template (placeholder name {name!r})"
+    assert agentdefs.find("agent-template", project, home) is None
+    with pytest.raises(agentdefs.NotAnAgentFile, match="is a placeholder"):
+        agentdefs.parse_file(project / ".claude/agents/agent-template.md")
+
+
+def test_names_with_angle_free_text_are_not_templates() -> None:
+    for name in ("Security Architect", "a<b", "C++ <=> Rust", "ToolSmith (Dynamic)"):
+        assert not agentdefs.is_placeholder(name), name
+    assert agentdefs.is_placeholder("<AGENT_NAME>")
+    assert agentdefs.is_placeholder("<MODEL:sonnet | opus>")
+
+
+def test_files_without_frontmatter_are_skipped_and_named_when_asked_for(
+        project: Path, home: Path) -> None:
+    write(project / ".claude/agents/openai-compat.md", "# OpenAI/Codex Agent Compatibility\n")
+    found = agentdefs.scan(project, home)
+    assert found.names() == [] and found.errors == ()
+    assert [(s.path.name, s.reason) for s in found.skipped] == [
+        ("openai-compat.md", agentdefs.NO_FRONTMATTER)]
+    message = found.unknown_message("openai-compat")
+    assert "openai-compat.md is not an agent definition (skipped: no frontmatter" in message

@@ -84,7 +84,9 @@ def test_efficiency_formula_matches_the_reference() -> None:
     for d in (32.1, 28.4, 25.6, 13.1):
         r.records.append(TaskRecord(id="t", agent="a", wave=1, output="o",
                                     spec=r.spec, index=0, busy_s=d))
-    assert round(100 * r.efficiency) == 73
+    assert r.efficiency is not None and round(100 * r.efficiency) == 73
+    r.interrupted = True  # cancelled work would count as busy: no figure at all
+    assert r.efficiency is None
 
 
 def test_dry_run_and_plan_write_nothing(project: Project) -> None:

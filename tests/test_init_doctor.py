@@ -51,7 +51,8 @@ def test_agents_lists_runner_model_and_file(ap: AgentProject) -> None:
     assert ["ops", "opencode", "anthropic/claude-sonnet-4-5", ".opencode/agent/ops.md"] in rows
     assert ["build", "command", "-", "[agents.build]"] in rows
     assert ["shell", "command", "-", "built-in"] in rows
-    assert "broken.md:1: error: no YAML frontmatter" in proc.stdout
+    assert "note: .claude/agents/broken.md: skipped: no frontmatter" in proc.stdout
+    assert "broken  " not in proc.stdout and "error" not in proc.stdout
     assert "default runner: claude" in proc.stdout
 
     data = json.loads(ap.run("agents", "--json").stdout)
@@ -162,7 +163,7 @@ def test_doctor_reports_missing_and_hanging_runners(project: Project, tmp_path: 
     assert "✗ writer  [gemini]" in out
     assert "✓ reviewer  [claude]" in out
     assert "broken.md:2: error: invalid YAML frontmatter" in out
-    assert "3 problem(s) found" in out
+    assert "3 problems found" in out
 
 
 def test_doctor_uses_a_configured_command(project: Project, tmp_path: Path) -> None:

@@ -324,6 +324,6 @@ def test_validate_command(project: Project) -> None:
     project.write("bad.yaml", "tasks: 3\n")
     proc = project.run("validate", "good.yaml", "bad.yaml")
     assert proc.returncode == 2
-    assert "good.yaml: OK — 1 tasks in 1 waves" in proc.stdout
+    assert "good.yaml: OK — 1 task in 1 wave" in proc.stdout
     assert "bad.yaml:1:8: error: 'tasks': input should be a valid list" in proc.stderr
     assert project.run("validate", "good.yaml").returncode == 0

@@ -22,14 +22,21 @@ Search order (the first definition of a name wins, later ones are *shadowed*):
 6. `<home>/.claude/agents/`  (home defaults to `$HOME`)
 
 Only `*.md` files directly inside those folders are read (`README*.md` is skipped).
-Within a folder, files are taken in name order.  A task's `agent: X` matches a
-definition whose frontmatter `name` or file stem folds to the same key as X:
-case-insensitive, with runs of spaces, hyphens and underscores treated as one
-hyphen ("Security Architect" == `security-architect` == `security_architect`).
+Within a folder, files are taken in name order.  Two kinds of Markdown file there are
+not agents, and are *skipped* (listed as notes by `agents` and `doctor`, never errors):
+files without frontmatter (AIWG keeps notes such as `openai-compat.md` beside its
+agents; Claude Code ignores them too) and templates, whose name is a placeholder such
+as AIWG's `agent-template.md` with `name: <AGENT_NAME>` (Claude Code 2.1.332 does list
+that one as an agent; it cannot do anything useful, so it is not offered here).
+
+A task's `agent: X` matches a definition whose frontmatter `name` or file stem folds
+to the same key as X: case-insensitive, with runs of spaces, hyphens and underscores
+treated as one hyphen ("Security Architect" == `security-architect` ==
+`security_architect`).
 
 Errors: a malformed file never hides the others.  `scan()` returns the good
-definitions and, separately, one `AgentDefinitionError` per bad file, so the
-dispatcher can report bad files only when they matter (an unknown agent, or
+definitions, the skipped files, and, separately, one `AgentDefinitionError` per bad
+file, so the dispatcher can report bad files only when they matter (an unknown agent, or
 `parallel-dispatch agents` / `doctor`) instead of failing every run.
 """
 
@@ -61,6 +68,12 @@ KNOWN_KEYS = frozenset({"name", "description", "model", "tools"})
 
 _FOLD_RE = re.compile(r"[\s_\-]+")
 
+#: Template placeholders: `<AGENT_NAME>` (AIWG), `{{name}}` (mustache), `${NAME}`.
+_PLACEHOLDER_RE = re.compile(r"<[A-Za-z_][^<>]*>|\{\{.*?\}\}|\$\{[^}]*\}")
+
+NO_FRONTMATTER = "no frontmatter"
+TEMPLATE = "template"
+
 
 def fold(name: str) -> str:
     """The lookup key for an agent name: "Security Architect" -> "security-architect"."""
@@ -79,6 +92,39 @@ class AgentDefinitionError(DispatchError):
     def to_diagnostic(self) -> Diagnostic:
         """The shared error shape, so CLI and reports print it like any other input error."""
         return Diagnostic(file=str(self.path), line=self.line, column=None, message=self.message)
+
+
+class NotAnAgentFile(AgentDefinitionError):
+    """A Markdown file that is not an agent definition at all: no frontmatter, or a template.
+
+    `parse_file` raises it like any error (the caller asked for that file); `scan`
+    records the file as skipped instead, since agent folders legitimately hold both.
+    """
+
+    def __init__(self, path: Path, line: int | None, message: str, reason: str,
+                 detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(path, line, message)
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A Markdown file in an agent folder that is not an agent (see `NotAnAgentFile`)."""
+
+    path: Path
+    reason: str
+    """`NO_FRONTMATTER` or `TEMPLATE`."""
+    detail: str = ""
+
+    def note(self) -> str:
+        """How `agents` and `doctor` show it: "skipped: template (placeholder name ...)"."""
+        return f"skipped: {self.reason}" + (f" ({self.detail})" if self.detail else "")
+
+
+def is_placeholder(name: str) -> bool:
+    """Whether a frontmatter name is a template placeholder like `<AGENT_NAME>`."""
+    return bool(_PLACEHOLDER_RE.search(name))
 
 
 @dataclass(frozen=True)
@@ -112,6 +158,8 @@ class Discovery:
     #: Definitions that lost to an earlier one with the same key.
     shadowed: tuple[AgentDefinition, ...]
     searched: tuple[Path, ...]
+    #: Markdown files that are not agents: no frontmatter, or a template.
+    skipped: tuple[SkippedFile, ...] = ()
 
     def get(self, name: str) -> AgentDefinition | None:
         """The definition `agent: name` resolves to, or None."""
@@ -136,6 +184,10 @@ class Discovery:
         if self.errors:
             bad = ", ".join(str(e.path) for e in self.errors)
             parts.append(f"unreadable agent definitions: {bad}")
+        target = fold(name)
+        for s in self.skipped:
+            if fold(s.path.stem) == target:
+                parts.append(f"{s.path} is not an agent definition ({s.note()})")
         return "; ".join(parts)
 
 
@@ -179,10 +231,14 @@ def scan(project: Path, home: Path | None = None) -> Discovery:
     index: dict[str, AgentDefinition] = {}
     errors: list[AgentDefinitionError] = []
     shadowed: list[AgentDefinition] = []
+    skipped: list[SkippedFile] = []
     for directory in dirs:
         for path in _definition_files(directory):
             try:
                 definition = parse_file(path)
+            except NotAnAgentFile as exc:
+                skipped.append(SkippedFile(path, exc.reason, exc.detail))
+                continue
             except AgentDefinitionError as exc:
                 errors.append(exc)
                 continue
@@ -198,6 +254,7 @@ def scan(project: Path, home: Path | None = None) -> Discovery:
         errors=tuple(errors),
         shadowed=tuple(shadowed),
         searched=tuple(dirs),
+        skipped=tuple(skipped),
     )
 
 
@@ -240,9 +297,8 @@ def parse_text(text: str, path: Path) -> AgentDefinition:
     path = Path(path)
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if not lines or lines[0].strip() != "---":
-        raise AgentDefinitionError(
-            path, 1, "no YAML frontmatter: the file must start with a '---' line"
-        )
+        raise NotAnAgentFile(path, 1, "no YAML frontmatter: the file must start with a '---' line",
+                             NO_FRONTMATTER, "not an agent definition")
     try:
         end = next(i for i in range(1, len(lines)) if lines[i].rstrip() == "---")
     except StopIteration:
@@ -257,6 +313,11 @@ def parse_text(text: str, path: Path) -> AgentDefinition:
     def where(key: str) -> int:
         return key_lines.get(key, 2)
 
+    raw_name = data.get("name")
+    if isinstance(raw_name, str) and is_placeholder(raw_name):
+        raise NotAnAgentFile(path, where("name"), f"a template, not an agent: its name "
+                             f"{raw_name.strip()!r} is a placeholder", TEMPLATE,
+                             f"placeholder name {raw_name.strip()!r}")
     name = _optional_str(data, "name", path, where)
     if name is not None and not name.strip():
         raise AgentDefinitionError(path, where("name"), "'name' is empty")

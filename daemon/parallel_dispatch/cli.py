@@ -10,19 +10,23 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TextIO
 
 import trio
 
 from . import __version__
 from .api import overrides_from, run_spec
+from .config import find_project_dir
 from .errors import DispatchError, TaskFileError
 from .loader import load_spec
 from .model import task_file_schema
 from .orphans import AgentRegistry
-from .plan_view import render_plan
+from .plan_view import plural, render_plan
 from .progress import for_stream
 from .runners import RunnerSet
 
@@ -52,6 +56,11 @@ def _positive_float(text: str) -> float:
     return value
 
 
+CONFIG_HELP = "project config (default .aiwg/dispatch.toml in the project root)"
+PROJECT_HELP = ("the project's root (default: the project around the current directory: "
+                "the nearest folder up holding .aiwg/, else .claude/ or .git)")
+
+
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("task_file", metavar="TASK_FILE", help="YAML task file")
     p.add_argument("--max-parallel", type=_positive_int, metavar="N",
@@ -69,7 +78,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="start no new task once the agents' reported cost reaches this")
     p.add_argument("--resume", action="store_true",
                    help="reuse outputs of tasks unchanged since their last successful run")
-    p.add_argument("--config", metavar="PATH", help="project config (default .aiwg/dispatch.toml)")
+    p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
@@ -83,45 +92,123 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a YAML file of AI-agent tasks as a dependency graph.",
     )
     parser.add_argument("--version", action="version", version=f"parallel-dispatch {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # prog: each command's usage line reads "parallel-dispatch plan ...", not the main usage.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="parallel-dispatch")
     _run_options(sub.add_parser("run", help="run a task file (same as the bare form)"))
     v = sub.add_parser("validate", help="check task files; run nothing")
-    v.add_argument("files", nargs="+", metavar="FILE")
-    v.add_argument("--config", metavar="PATH")
+    v.add_argument("files", nargs="+", metavar="FILE", help="YAML task files to check")
+    v.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     p = sub.add_parser("plan", help="show waves, order, critical path; run and write nothing")
-    p.add_argument("task_file", metavar="FILE")
-    p.add_argument("--max-parallel", type=_positive_int, metavar="N")
-    p.add_argument("--timeout", type=_positive_int, metavar="MS")
-    p.add_argument("--output", metavar="DIR")
-    p.add_argument("--on-failure", choices=("continue", "stop", "retry"))
-    p.add_argument("--max-cost", type=_positive_float, metavar="USD")
-    p.add_argument("--idle-timeout", type=_positive_int, metavar="MS")
-    p.add_argument("--config", metavar="PATH")
+    p.add_argument("task_file", metavar="FILE", help="YAML task file")
+    p.add_argument("--max-parallel", type=_positive_int, metavar="N",
+                   help="plan for this many concurrent agents (default 4)")
+    p.add_argument("--timeout", type=_positive_int, metavar="MS",
+                   help="per-task timeout to show, in milliseconds (default 120000)")
+    p.add_argument("--output", metavar="DIR",
+                   help="output directory to plan for (default .aiwg/working/)")
+    p.add_argument("--on-failure", choices=("continue", "stop", "retry"),
+                   help="failure handling to plan for (default continue)")
+    p.add_argument("--max-cost", type=_positive_float, metavar="USD",
+                   help="cost budget, as a run would get it")
+    p.add_argument("--idle-timeout", type=_positive_int, metavar="MS",
+                   help="idle timeout, as a run would get it (default off)")
+    p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     sub.add_parser("schema", help="print the JSON Schema of task files")
     ag = sub.add_parser("agents", help="list the agents tasks can name: runner, model, file")
-    ag.add_argument("--config", metavar="PATH")
+    ag.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     ag.add_argument("--json", action="store_true", help="machine-readable output")
     ini = sub.add_parser("init", help="write a starter .aiwg/dispatch.toml and example task file")
     ini.add_argument("--force", action="store_true", help="overwrite existing files")
     doc = sub.add_parser("doctor", help="check runners (versions), agents and definitions")
-    doc.add_argument("--config", metavar="PATH")
+    doc.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     doc.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS",
                      help="how long each `--version` probe may take (default 10)")
     w = sub.add_parser("watch", help="daemon: run task files in .aiwg/tasks/ as they change")
-    w.add_argument("project", nargs="?", default=".", metavar="PROJECT_DIR")
-    w.add_argument("--tasks-dir", metavar="DIR", help="default PROJECT_DIR/.aiwg/tasks/")
+    w.add_argument("project", nargs="?", metavar="PROJECT_DIR", help=PROJECT_HELP)
+    w.add_argument("--tasks-dir", metavar="DIR",
+                   help="folder of task files to watch (default PROJECT_DIR/.aiwg/tasks/)")
     w.add_argument("--max-parallel", type=_positive_int, metavar="N",
                    help="agents at once across all task files (default 8)")
     w.add_argument("--force", action="store_true",
                    help="at start, re-run every task file in full, ignoring earlier results")
     st = sub.add_parser("status", help="each task file's last run, and what runs now")
-    st.add_argument("project", nargs="?", default=".", metavar="PROJECT_DIR")
-    st.add_argument("--tasks-dir", metavar="DIR")
+    st.add_argument("project", nargs="?", metavar="PROJECT_DIR", help=PROJECT_HELP)
+    st.add_argument("--tasks-dir", metavar="DIR",
+                    help="folder of the daemon's task files (default PROJECT_DIR/.aiwg/tasks/)")
     sub.add_parser("action", help="run as a GitHub Action step (see action.yml)", add_help=False)
     return parser
 
 
+class _QuietPipe:
+    """stdout or stderr that drops what it is given once its reader has gone.
+
+    `parallel-dispatch plan big.yaml | head` closes the pipe after ten lines; the next
+    write fails with EPIPE.  Instead of a BrokenPipeError traceback, the stream's file
+    descriptor is pointed at /dev/null and the command carries on to its normal end and
+    exit code: a run whose progress reader went away still finishes its tasks and
+    writes its report.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.closed_by_reader = False
+
+    def write(self, text: str) -> int:
+        if not self.closed_by_reader:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if not self.closed_by_reader:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.closed_by_reader = True
+        try:  # whatever is still buffered, and the exit-time flush, go to /dev/null
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def _quiet_pipes() -> Iterator[None]:
+    """Wrap sys.stdout and sys.stderr in `_QuietPipe` while a command runs."""
+    saved = sys.stdout, sys.stderr
+    if not isinstance(sys.stdout, _QuietPipe):
+        sys.stdout = _QuietPipe(sys.stdout)  # type: ignore[assignment]
+    if not isinstance(sys.stderr, _QuietPipe):
+        sys.stderr = _QuietPipe(sys.stderr)  # type: ignore[assignment]
+    try:
+        yield
+        sys.stdout.flush()  # here, so a closed pipe is met while it is still handled
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `parallel-dispatch` command; returns its exit code."""
+    with _quiet_pipes():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "action":
         from .action import main as action_main
@@ -147,21 +234,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .daemon import run_daemon
 
             tasks = Path(args.tasks_dir) if args.tasks_dir else None
-            return run_daemon(Path(args.project), tasks, args.max_parallel, args.force)
+            return run_daemon(_project(args.project), tasks, args.max_parallel, args.force)
         if args.command == "status":
             from .status import render_status
 
             tasks = Path(args.tasks_dir).resolve() if args.tasks_dir else None
-            print(render_status(Path(args.project), tasks))
+            print(render_status(_project(args.project), tasks))
             return EXIT_OK
         if args.command in ("agents", "init", "doctor"):
             from . import commands
 
             if args.command == "agents":
-                return commands.agents_command(args.config, args.json)
+                return commands.agents_command(args.config, args.json, out=sys.stdout)
             if args.command == "init":
-                return commands.init_command(args.force)
-            return commands.doctor_command(args.config, args.timeout)
+                return commands.init_command(args.force, out=sys.stdout, err=sys.stderr)
+            return commands.doctor_command(args.config, args.timeout, out=sys.stdout)
         if args.command == "plan":
             args.dry_run = True
             args.quiet = True
@@ -172,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DispatchError as exc:
         print(f"parallel-dispatch: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _project(given: str | None) -> Path:
+    """PROJECT_DIR as given, else the project around the current directory."""
+    return Path(given) if given else find_project_dir(Path.cwd())
 
 
 def _print_diagnostics(exc: TaskFileError) -> None:
@@ -192,7 +284,8 @@ def _validate(files: list[str], config: str | None) -> int:
             _print_diagnostics(exc)
             status = EXIT_USAGE
             continue
-        print(f"{f}: OK — {len(spec.tasks)} tasks in {len(spec.graph.waves())} waves")
+        print(f"{f}: OK — {plural(len(spec.tasks), 'task')} in "
+              f"{plural(len(spec.graph.waves()), 'wave')}")
     return status
 
 

@@ -18,7 +18,8 @@ from typing import Any, TextIO
 import tomli_w
 
 from .atomic import write_text
-from .config import ProjectConfig, find_project_root, load_config
+from .config import ProjectConfig, find_project_dir, load_config
+from .plan_view import plural
 from .resolve import AgentResolver, AgentRow
 from .runners.openai import DEFAULT_BASE_URL, DEFAULT_KEY_ENV
 from .runners.registry import CLI_PRESETS, PRESETS, Probe, probe
@@ -28,9 +29,8 @@ EXAMPLE_REL = Path(".aiwg") / "tasks" / "example.yaml"
 
 
 def project_config(config_path: str | None, cwd: Path | None = None) -> ProjectConfig:
-    """The project around the current directory (nearest `.aiwg/`), and its config."""
-    here = (cwd or Path.cwd()).resolve()
-    root = find_project_root(here / "_", here)
+    """The project around the current directory (see `find_project_root`), and its config."""
+    root = find_project_dir(cwd or Path.cwd())
     return load_config(root, Path(config_path) if config_path else None)
 
 
@@ -86,6 +86,8 @@ def _print_discovery_problems(resolver: AgentResolver, out: TextIO) -> int:
         winner = d.get(s.name)
         where = resolver.rel(winner.path) if winner else "?"
         print(f"  note: {resolver.rel(s.path)} is shadowed by {where} (same name)", file=out)
+    for skipped in d.skipped:  # templates and notes kept beside agents: not problems
+        print(f"  note: {resolver.rel(skipped.path)}: {skipped.note()}", file=out)
     return len(d.errors)
 
 
@@ -214,7 +216,8 @@ def init_command(force: bool, cwd: Path | None = None, out: TextIO = sys.stdout,
     existing = [p for p in targets if p.exists()]
     if existing and not force:
         names = ", ".join(str(p.relative_to(root)) for p in existing)
-        print(f"parallel-dispatch: init: {names} already exist(s); nothing was written "
+        verb = "exists" if len(existing) == 1 else "exist"
+        print(f"parallel-dispatch: init: {names} already {verb}; nothing was written "
               "(use --force to overwrite)", file=err)
         return 1
     runner, found = detect_runner()
@@ -270,7 +273,7 @@ def doctor_command(config_path: str | None, timeout: float = 10.0,
         for note in (r.spec.notes if r.spec else ()):
             print(f"      note: {note}", file=out)
     problems += _print_discovery_problems(resolver, out)
-    print(f"\n{'no problems found' if not problems else f'{problems} problem(s) found'}",
+    print(f"\n{'no problems found' if not problems else plural(problems, 'problem') + ' found'}",
           file=out)
     return 0 if not problems else 1
 

@@ -146,12 +146,43 @@ class ResolvedSettings:
 
 
 def find_project_root(task_file: Path, cwd: Path | None = None) -> Path:
-    """Nearest ancestor of the task file holding `.aiwg/`, else the current directory."""
+    """The project a task file belongs to, walking up from the file's folder.
+
+    The nearest ancestor holding `.aiwg/` wins; without one, the nearest holding
+    `.claude/` or `.git` (so `validate ../tasks.yaml` from a subfolder still finds the
+    project's `.claude/agents/`); else the current directory.  The home folder is not
+    a project for holding `~/.claude/` (Claude Code's user settings), `~/.aiwg/` (AIWG's
+    user data) or `~/.git` (a dotfiles repository), only for `~/.aiwg/dispatch.toml`:
+    otherwise every stray task file under home would write to `~/.aiwg/working/`.
+    """
     start = task_file.resolve().parent
-    for candidate in (start, *start.parents):
-        if (candidate / ".aiwg").is_dir():
+    chain = (start, *start.parents)
+    home = _home()
+    for candidate in chain:
+        if (candidate / ".aiwg").is_dir() and (
+                candidate != home or (candidate / ".aiwg" / CONFIG_NAME).is_file()):
+            return candidate
+    for candidate in chain:
+        if candidate != home and ((candidate / ".git").exists()
+                                  or (candidate / ".claude").is_dir()):
             return candidate
     return (cwd or Path.cwd()).resolve()
+
+
+def find_project_dir(start: Path) -> Path:
+    """The project around a folder (`agents`, `doctor`, `status`, `watch` without one)."""
+    start = start.resolve()
+    return find_project_root(start / "_", start)
+
+
+def _home() -> Path | None:
+    import os
+
+    home = os.environ.get("HOME")
+    try:
+        return Path(home).resolve() if home else Path.home().resolve()
+    except (OSError, RuntimeError):
+        return None
 
 
 def load_config(root: Path, path: Path | None = None) -> ProjectConfig:

@@ -8,12 +8,18 @@ from .runners.base import Job, Runner
 from .spec import DispatchSpec
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 wave`, `2 waves`: counts the CLI prints read as English."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def render_plan(spec: DispatchSpec, result: RunResult, runner: Runner) -> str:
     s = spec.settings
     waves = spec.graph.waves()
     lines = [
         f"Plan for '{spec.name}' ({spec.display}) — nothing will be run or written",
-        f"  {len(spec.tasks)} tasks in {len(waves)} waves · max_parallel {s.max_parallel} · "
+        f"  {plural(len(spec.tasks), 'task')} in {plural(len(waves), 'wave')} · "
+        f"max_parallel {s.max_parallel} · "
         f"timeout {fmt_duration(s.timeout_per_task / 1000)} · on_failure {s.on_failure}",
         f"  project root: {spec.root}",
         f"  output dir:   {s.output_dir}",

@@ -128,7 +128,8 @@ def to_json(result: RunResult) -> dict[str, Any]:
             "cached": result.count("cached"),
             "total_time_s": round(result.wall_s, 3),
             "work_time_s": round(result.work_s, 3),
-            "parallel_efficiency": round(result.efficiency, 4),
+            "parallel_efficiency": (None if result.efficiency is None
+                                    else round(result.efficiency, 4)),
             **costs.totals(tasks),
         },
         "notes": list(result.notes),
@@ -152,7 +153,7 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
         f"- **Succeeded**: {s['succeeded']}",
         f"- **Failed**: {s['failed']}",
         f"- **Total Time**: {fmt_duration(s['total_time_s'])}",
-        f"- **Parallel Efficiency**: {round(100 * s['parallel_efficiency'])}%",
+        f"- **Parallel Efficiency**: {_efficiency(s['parallel_efficiency'])}",
         f"- **Timed out**: {s['timed_out']}",
         f"- **Provider errors**: {s['provider_errors']}",
         f"- **Stalled**: {s['stalled']}",
@@ -213,6 +214,11 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
     if gantt:
         lines += ["", "## Timeline chart", "", *gantt]
     return "\n".join(lines) + "\n"
+
+
+def _efficiency(value: float | None) -> str:
+    """A percentage; an interrupted run has none (see `RunResult.efficiency`)."""
+    return "– (run interrupted: not measured)" if value is None else f"{round(100 * value)}%"
 
 
 def _md_escape_line(text: str) -> str:

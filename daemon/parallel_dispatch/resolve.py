@@ -171,8 +171,12 @@ class AgentResolver:
     def unknown(self, name: str) -> str:
         configured = [n for n in self.config.agents if n != FALLBACK] + [SHELL_AGENT]
         message = self.discovery.unknown_message(name, configured)
-        return (f"{message}; add an agent definition (.claude/agents/{name}.md) or configure "
-                f"[agents.{name}] or [agents.\"*\"] in {self._where()}")
+        # A first run usually fails here: say where ready-made definitions are, and how
+        # to get a starter config, not only what is missing.
+        return (f"{message}; add an agent definition (.claude/agents/{name}.md; "
+                f"parallel-dispatch's examples/claude-agents/ has some to copy) or configure "
+                f"[agents.{name}] or [agents.\"*\"] in {self._where()} "
+                f"(`parallel-dispatch init` writes a starter one)")
 
     def _no_runner_fix(self) -> str:
         return (f"set runner = \"claude\" (or one of {', '.join(RUNNER_NAMES[1:])}) in "

@@ -98,7 +98,15 @@ class RunResult:
         return sum(r.busy_s for r in self.records)
 
     @property
-    def efficiency(self) -> float:
+    def efficiency(self) -> float | None:
+        """Work / (wall time × max_parallel); None for an interrupted run.
+
+        An interrupted run has no honest figure: its cancelled attempts count as busy
+        until they were killed (so full slots read as 100% while their work was thrown
+        away), and its wall time includes the shutdown.  The reports say "not measured".
+        """
+        if self.interrupted:
+            return None
         slots = self.spec.settings.max_parallel
         if self.wall_s <= 0 or slots <= 0:
             return 0.0

@@ -17,6 +17,7 @@ rather than blocking work.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,17 @@ class State:
         self._append({"run": fields})
 
     def begin(self) -> None:
-        """Snapshot now and journal every change until `save`."""
+        """Snapshot now and journal every change until `save`.
+
+        The run is also stamped with what `parallel-dispatch status` needs to find it
+        and judge it, whoever started it (the CLI or the daemon): the task file as an
+        absolute path (the CLI is given it relative to wherever it was started) and the
+        dispatcher's pid (a run still "running" whose process is gone was killed).
+        """
+        task_file = self.runs.get("task_file")
+        if isinstance(task_file, str) and task_file:
+            self.runs["task_file"] = os.path.abspath(task_file)
+        self.runs.setdefault("pid", os.getpid())
         self.save()
         self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115
 

@@ -2,23 +2,28 @@
 
 Reads what the daemon and the runs leave behind — `.aiwg/dispatch-daemon.json`
 and each output dir's `.dispatch-state.toml` / report — so it works whether
-or not a daemon is running, and never talks to one.
+or not a daemon is running, and never talks to one.  Runs made with the CLI are
+found too: their state lives in the output dir they wrote to (`.aiwg/working/`
+by default), and names the task file it ran (see `State.begin`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import load_config
+from .config import ProjectConfig, load_config, resolve_settings
 from .daemon import STATUS_FILE, _name
 from .errors import DispatchError, TaskFileError
 from .loader import load_spec
+from .model import Settings
+from .plan_view import plural
 from .report import REPORT_JSON
 from .result import COUNTED
-from .state import State
+from .state import STATE_FILE, State
 from .watcher import is_task_file
 
 
@@ -31,7 +36,103 @@ def _daemon(project: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+STATE_SEARCH_DEPTH = 5
+"""How deep below `.aiwg/` (and the default output dir) `status` looks for runs."""
+
+
+@dataclass
+class _Run:
+    """The last run recorded in one output dir (`.dispatch-state.toml`)."""
+
+    out: Path
+    state: State
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.state.runs
+
+    @property
+    def when(self) -> str:
+        return str(self.info.get("finished_at") or self.info.get("started_at") or "")
+
+    def task_file(self, project: Path) -> Path | None:
+        """The task file it ran; a relative path (older state files) is taken from the root."""
+        raw = self.info.get("task_file")
+        if not isinstance(raw, str) or not raw:
+            return None
+        path = Path(raw)
+        return (path if path.is_absolute() else project / path).resolve()
+
+
+def _state_dirs(bases: list[Path]) -> set[Path]:
+    """Output dirs under `bases` holding a `.dispatch-state.toml` (outputs' own trees pruned)."""
+    found: set[Path] = set()
+    for base in bases:
+        if not base.is_dir():
+            continue
+        top = len(base.parts)
+        for folder, subdirs, filenames in os.walk(base):
+            here = Path(folder)
+            if STATE_FILE in filenames:
+                found.add(here)
+            if len(here.parts) - top >= STATE_SEARCH_DEPTH:
+                subdirs[:] = []
+            else:
+                subdirs[:] = [d for d in subdirs if d not in ("logs", ".dispatch")]
+    return found
+
+
+def _runs(project: Path, config: ProjectConfig, more: set[Path]) -> list[_Run]:
+    """Every run `status` can find: the daemon's dirs, the CLI's default dir, under `.aiwg/`."""
+    cli_dir = resolve_settings(project, Settings(), config, {}).output_dir
+    dirs = more | {cli_dir} | _state_dirs([project / ".aiwg", cli_dir])
+    runs = []
+    for out in sorted(dirs):
+        state = State.load(out)
+        if state.runs:
+            runs.append(_Run(out, state))
+    return runs
+
+
+def _rel(path: Path, project: Path) -> str:
+    return str(path.relative_to(project) if path.is_relative_to(project) else path)
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _run_lines(run: _Run, project: Path) -> list[str]:
+    last = run.info
+    status = last.get("status", "?")
+    out = _rel(run.out, project)
+    if status == "running":
+        pid = last.get("pid")
+        done = sum(1 for t in run.state.tasks.values()
+                   if isinstance(t, dict) and t.get("finished_run") == last.get("run_id"))
+        if pid is not None and not _alive(pid):
+            return [f"  last run: did not finish — started {last.get('started_at', '?')}, its "
+                    f"dispatcher (pid {pid}) is gone (killed?) — run {last.get('run_id', '?')}",
+                    f"  output: {out}"]
+        who = f"pid {pid}, " if pid is not None else ""
+        return [f"  running now ({who}started {last.get('started_at', '?')}): "
+                f"{plural(done, 'task')} finished so far — run {last.get('run_id', '?')}",
+                f"  output: {out}"]
+    counts = ", ".join(f"{last[k]} {k}" for k in COUNTED if last.get(k))
+    return [f"  last run: {status} at {run.when or '?'} ({counts or 'no tasks'}) — run "
+            f"{last.get('run_id', '?')}", f"  output: {out}"]
+
+
 def render_status(project: Path, tasks_dir: Path | None = None) -> str:
+    """The daemon, each task file of the tasks dir, then runs of other files (the CLI's).
+
+    A task file's last run is the latest recorded for it anywhere `status` looks: the
+    daemon's per-file dir, or the dir a CLI run wrote to (`.aiwg/working/` by default).
+    """
     project = project.resolve()
     tasks_dir = tasks_dir or project / ".aiwg" / "tasks"
     daemon = _daemon(project)
@@ -51,32 +152,53 @@ def render_status(project: Path, tasks_dir: Path | None = None) -> str:
         if tasks_dir.is_dir() else []
     if not files:
         lines.append(f"no task files in {tasks_dir}")
+    specs: dict[Path, tuple[str, Path | None, str | None]] = {}
     for path in files:
         name = _name(path, tasks_dir)
-        lines.append("")
-        shown = path.relative_to(project) if path.is_relative_to(project) else path
-        lines.append(f"{name}  ({shown})")
         try:
             spec = load_spec(path, config=config, default_subdir=name)
         except TaskFileError as exc:
-            lines.append(f"  invalid: {len(exc.diagnostics)} error(s), first: "
-                         f"{exc.diagnostics[0].format()}")
+            first = exc.diagnostics[0].format()
+            count = plural(len(exc.diagnostics), "error")
+            specs[path.resolve()] = (name, None, f"  invalid: {count}, first: {first}")
             continue
-        out = spec.settings.output_dir
-        last = State.load(out).runs
-        if last:
-            counts = ", ".join(f"{last[k]} {k}" for k in
-                               COUNTED if last.get(k))
-            when = last.get("finished_at") or last.get("started_at", "?")
-            lines.append(f"  last run: {last.get('status', '?')} at {when} "
-                         f"({counts or 'no tasks'}) — run {last.get('run_id', '?')}")
-        elif (out / REPORT_JSON).is_file():
+        specs[path.resolve()] = (name, spec.settings.output_dir, None)
+    runs = _runs(project, config, {out for _n, out, _e in specs.values() if out is not None})
+    by_file: dict[Path | None, _Run] = {}
+    for run in runs:
+        key = run.task_file(project)
+        if key not in by_file or run.when > by_file[key].when:
+            by_file[key] = run
+    for path, (name, out, invalid) in specs.items():
+        lines.append("")
+        lines.append(f"{name}  ({_rel(path, project)})")
+        if invalid is not None:
+            lines.append(invalid)
+        run = by_file.pop(path, None)
+        now = live.get(name) or {}
+        if run is not None and now.get("running") and run.info.get("status") == "running":
+            run = None  # the daemon runs it now: its own live view (below) says more
+        if run is not None:
+            lines += _run_lines(run, project)
+        elif now.get("running"):
+            pass
+        elif out is not None and (out / REPORT_JSON).is_file():
             lines.append("  last run: none (see its report)")
-        else:
+        elif invalid is None:
             lines.append("  last run: never")
-        now = live.get(name)
-        if now and now.get("running"):
+        if now.get("running"):
             lines.append(f"  running now: {now.get('done')}/{now.get('total')} done; "
                          f"agents: {', '.join(now.get('running_tasks') or []) or '(none)'}")
-        lines.append(f"  output: {out}")
+        if run is None and out is not None:
+            lines.append(f"  output: {_rel(out, project)}")
+    if by_file:
+        lines += ["", "Other task files (run from the command line):"]
+        for key, run in sorted(by_file.items(), key=lambda kv: kv[1].when, reverse=True):
+            lines.append("")
+            if key is None:
+                lines.append("(task file not recorded)")
+            else:
+                lines.append(_rel(key, project)
+                             + ("" if key.exists() else "  (file no longer exists)"))
+            lines += _run_lines(run, project)
     return "\n".join(lines)

@@ -14,6 +14,7 @@ them, by a second pass: valid files, the common case, pay nothing for them.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,68 @@ class _Builder:
             return value
 
 
+_KEY_LINE = re.compile(r"^[ \t]*(?:-[ \t]+)?(?:\{[ \t]*)?[A-Za-z_][\w.-]*:(?:[ \t].*|)$",
+                       re.MULTILINE)
+"""A line that reads like `key: value`, `- key: value` or `- {key: value`: structure."""
+
+
+def _unclosed_quote(text: bytes | str, exc: yaml.MarkedYAMLError,
+                    file: str) -> Diagnostic | None:
+    """Where a quote that was never closed opens, when that is what broke the file.
+
+    libyaml reports an unclosed quote where it gave up — the end of the file, or
+    wherever a later quote happened to close the string and the rest no longer
+    parsed — which is far from the mistake.  Two cases are recognised:
+
+    * a quoted string that swallowed lines reading like `key: value` and ends on the
+      line of the error (its closing quote is missing, and a later quote closed it by
+      accident, so what follows no longer parses);
+    * an error while scanning a quoted scalar (nothing closed it before the end).
+    """
+    try:
+        source = text.decode("utf-8-sig") if isinstance(text, bytes) else text
+    except UnicodeDecodeError:
+        return None
+    problem = exc.problem_mark
+    stop = (problem.line, problem.column) if problem is not None else (1 << 62, 0)
+    swallowed: tuple[yaml.ScalarToken, str] | None = None
+    try:  # tokens only, with libyaml: this runs once, on a file that failed anyway
+        for token in yaml.scan(source, Loader=_Loader):
+            start = token.start_mark
+            if (start.line, start.column) >= stop:
+                break
+            if (isinstance(token, yaml.ScalarToken) and token.style in ('"', "'")
+                    and start.line < token.end_mark.line == stop[0]):
+                body = source[start.index + 1:token.end_mark.index]
+                key = _KEY_LINE.search(body, body.find("\n") + 1)
+                if key is not None:
+                    swallowed = (token, key.group(0).strip())
+                    break
+    except yaml.YAMLError:
+        pass  # the scan meets the same error; the tokens before it are what matter
+    if swallowed is not None:
+        token, line = swallowed
+        mark, quote = token.start_mark, token.style
+        after = (f" ({exc.problem} at line {problem.line + 1}, column {problem.column + 1})"
+                 if exc.problem and problem is not None else "")
+        return Diagnostic(file, mark.line + 1, mark.column + 1,
+                          f"invalid YAML: this {quote} quote is never closed: the string runs "
+                          f"on to line {token.end_mark.line + 1} and swallows the line "
+                          f"'{line}'{after}; add the closing {quote}")
+    if exc.context == "while scanning a quoted scalar" and exc.context_mark is not None:
+        mark = exc.context_mark
+        lines = source.splitlines()
+        here = lines[mark.line] if mark.line < len(lines) else ""
+        quote = here[mark.column] if mark.column < len(here) else "quote"
+        why = ("the file ends inside the string" if "end of stream" in (exc.problem or "")
+               else f"{exc.problem} at line {problem.line + 1}, column {problem.column + 1}"
+               if problem is not None else exc.problem)
+        return Diagnostic(file, mark.line + 1, mark.column + 1,
+                          f"invalid YAML: this {quote} quote is never closed ({why}); add the "
+                          f"closing {quote}")
+    return None
+
+
 def _whole_file(file: str, message: str) -> TaskFileError:
     return TaskFileError([Diagnostic(file, None, None, message)])
 
@@ -314,6 +377,9 @@ def parse_yaml(text: bytes | str, file: str) -> Document:
     try:
         data, _ = _Builder(file, track=False).run(text)
     except yaml.MarkedYAMLError as exc:
+        unclosed = _unclosed_quote(text, exc, file)
+        if unclosed is not None:
+            raise TaskFileError([unclosed]) from None
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         col = mark.column + 1 if mark else None
