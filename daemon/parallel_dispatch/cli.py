@@ -23,10 +23,11 @@ from . import __version__
 from .api import overrides_from, run_spec
 from .config import find_project_dir
 from .errors import DispatchError, TaskFileError
+from .fmt import plural
 from .loader import load_spec
 from .model import task_file_schema
 from .orphans import AgentRegistry
-from .plan_view import plural, render_plan
+from .plan_view import render_plan
 from .progress import for_stream
 from .runners import RunnerSet
 

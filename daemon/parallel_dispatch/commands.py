@@ -19,7 +19,7 @@ import tomli_w
 
 from .atomic import write_text
 from .config import ProjectConfig, find_project_dir, load_config
-from .plan_view import plural
+from .fmt import plural
 from .resolve import AgentResolver, AgentRow
 from .runners.openai import DEFAULT_BASE_URL, DEFAULT_KEY_ENV
 from .runners.registry import CLI_PRESETS, PRESETS, Probe, probe

@@ -32,7 +32,7 @@ from .atomic import write_text
 from .config import BUILTIN_DEFAULTS, ProjectConfig, load_config
 from .errors import ConfigError, Diagnostic, TaskFileError
 from .fingerprint import hash_files
-from .fmt import now_iso
+from .fmt import now_iso, plural
 from .loader import load_spec
 from .orphans import REGISTRY_DIR, AgentRegistry
 from .progress import PlainProgress
@@ -141,8 +141,8 @@ class Daemon:
         self._load_config()
         killed = self.registry.reap()
         if killed:
-            log.warning("killed %d orphaned agent group(s) of an earlier dispatcher",
-                        len(killed))
+            log.warning("killed %s of an earlier dispatcher",
+                        plural(len(killed), "orphaned agent group"))
         self.tasks_dir.mkdir(parents=True, exist_ok=True)
         async with trio.open_nursery() as services:
             services.start_soon(self._signals)
@@ -412,8 +412,8 @@ class Daemon:
         try:
             out.mkdir(parents=True, exist_ok=True)
             report = write_error_report(out, str(fs.path), diagnostics)
-            log.error("[%s] invalid: %d error(s); nothing was run; report %s", fs.name,
-                      len(diagnostics), report)
+            log.error("[%s] invalid: %s; nothing was run; report %s", fs.name,
+                      plural(len(diagnostics), "error"), report)
         except OSError as exc:
             log.error("[%s] cannot write its error report in %s: %s", fs.name, out, exc)
 
@@ -430,8 +430,8 @@ class Daemon:
         runs = sum(1 for fs in self.files.values() if fs.scheduler is not None)
         agents = int(self.limiter.borrowed_tokens)
         queued = self.limiter.statistics().tasks_waiting
-        return (f"{len(self.files)} task files; {runs} running, {agents} agents busy, "
-                f"{queued} queued")
+        return (f"{plural(len(self.files), 'task file')}; {runs} running, "
+                f"{plural(agents, 'agent')} busy, {queued} queued")
 
     def status_data(self) -> dict[str, Any]:
         return {

@@ -29,3 +29,8 @@ def rel_path(path: Path, root: Path) -> str:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 wave`, `2 waves`: counts the CLI prints read as English."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from .fmt import fmt_duration
+from .fmt import fmt_duration, plural
 from .result import RunResult
 from .runners.base import Job, Runner
 from .spec import DispatchSpec
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """`1 wave`, `2 waves`: counts the CLI prints read as English."""
-    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def render_plan(spec: DispatchSpec, result: RunResult, runner: Runner) -> str:

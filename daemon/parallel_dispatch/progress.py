@@ -11,6 +11,7 @@ import time
 from typing import Protocol, TextIO
 
 from .events import AgentEvent
+from .fmt import plural
 from .result import RunResult, TaskRecord
 
 _MARK = {"succeeded": "✓", "cached": "≡", "failed": "✗", "timeout": "⏱", "skipped": "↷",
@@ -71,7 +72,7 @@ class PlainProgress:
         self.t0 = time.monotonic()
         self.total = len(result.records)
         s = result.spec.settings
-        self._line(f"dispatch '{result.spec.name}': {self.total} tasks, max_parallel "
+        self._line(f"dispatch '{result.spec.name}': {plural(self.total, 'task')}, max_parallel "
                    f"{s.max_parallel}, on_failure {s.on_failure}, output {s.output_dir}")
 
     def task_started(self, rec: TaskRecord) -> None:

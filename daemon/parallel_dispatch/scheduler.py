@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from .events import CAUSES, Activity, AgentEvent
+from .fmt import plural
 from .incremental import Reuse
 from .plan import Plan
 from .progress import NullProgress, Progress
@@ -330,8 +331,8 @@ class Scheduler:
             f"Bad credentials for the {runner} runner (task '{rec.id}'): {rec.error}. "
             f"Its other tasks were stopped or not started.")
         if others:
-            self.progress.note(f"{runner} runner: bad credentials; stopping {others} "
-                               f"running task(s) of it")
+            self.progress.note(f"{runner} runner: bad credentials; stopping "
+                               f"{plural(others, 'running task')} of it")
 
     def _rejected_message(self, i: int) -> str:
         key = self._credential_key(i)

@@ -18,9 +18,9 @@ from typing import Any
 from .config import ProjectConfig, load_config, resolve_settings
 from .daemon import STATUS_FILE, _name
 from .errors import DispatchError, TaskFileError
+from .fmt import plural
 from .loader import load_spec
 from .model import Settings
-from .plan_view import plural
 from .report import REPORT_JSON
 from .result import COUNTED
 from .state import STATE_FILE, State
