@@ -383,5 +383,6 @@ def test_example_workflow_files_validate() -> None:
          "--config", "examples/pr-review.toml"],
         cwd=repo, env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
-    assert "claude -p --output-format json --allowedTools" in out.stdout
+    assert ("claude -p --output-format stream-json --verbose --no-session-persistence "
+            "--tools=") in out.stdout
     assert "Critical path:" in out.stdout

@@ -108,7 +108,8 @@ def test_init_example_uses_a_found_definition(ap: AgentProject) -> None:
     proc = ap.run("plan", ".aiwg/tasks/example.yaml")
     assert proc.returncode == 0, proc.stderr
     assert "review [security-architect]" in proc.stdout
-    assert "$ claude -p --output-format json --model sonnet" in proc.stdout
+    assert ("$ claude -p --output-format stream-json --verbose --no-session-persistence "
+            "--model sonnet") in proc.stdout
 
 
 def test_init_picks_an_installed_cli(project: Project, tmp_path: Path) -> None:

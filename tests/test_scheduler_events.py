@@ -196,9 +196,9 @@ def test_timeout_quotes_the_last_event_and_blames_the_provider(tmp_path: Path) -
     result = _run(spec, runner)
     waits, busy = _rec(result, "waits"), _rec(result, "busy")
     assert waits.status == "provider_error" and waits.cause == "unreachable"
-    assert waits.error == ("provider unreachable: timed out after 60s (last event 3 s ago: "
-                           "API retry 7/10: connection refused); the agent's process group "
-                           "was killed")
+    assert waits.error == ("claude runner: provider unreachable: timed out after 60s (last "
+                           "event 3 s ago: API retry 7/10: connection refused); the agent's "
+                           "process group was killed")
     assert busy.status == "timeout" and busy.cause is None
     assert "(last event 10 s ago: tool: Bash)" in (busy.error or "")
     assert to_json(result)["tasks"][1]["last_event"] == "tool: Bash"
@@ -219,8 +219,8 @@ def test_idle_timeout_stalls_a_silent_agent_but_not_a_talking_one(tmp_path: Path
     result = _run(spec, runner)
     silent = _rec(result, "silent")
     assert silent.status == "stalled"
-    assert silent.error == ("stalled: no output for 10s (the agent printed no event); "
-                            "the agent's process group was killed")
+    assert silent.error == ("claude runner: stalled: no output for 10s (the agent printed no "
+                            "event); the agent's process group was killed")
     assert silent.end_s == pytest.approx(12.0)
     assert _rec(result, "talks").status == "succeeded"
     assert _rec(result, "own").status == "succeeded"

@@ -264,13 +264,15 @@ class Scheduler:
         rec.cause = out.cause if out is not None and status == "provider_error" else None
         if status in ("timeout", "stalled"):
             rec.exit_code = None
-            rec.error = self._deadline_error(i, status, msg)
+            error = self._deadline_error(i, status, msg)
             ev = msg.last_event
             if ev is not None and ev.cause is not None:
                 # The agent was waiting on the provider when the deadline hit: say so.
                 status = "provider_error"
                 rec.cause = ev.cause
-                rec.error = f"{CAUSES[ev.cause]}: {rec.error}"
+                error = f"{CAUSES[ev.cause]}: {error}"
+            runner = self.spec.agents[i].runner
+            rec.error = f"{runner} runner: {error}" if runner else error
         if status == "cancelled":
             rec.error = f"cancelled: {self._stopping or 'run stopped'}"
         if status == "succeeded":

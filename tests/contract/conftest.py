@@ -66,6 +66,9 @@ def contract_project(tmp_path: Path) -> Iterator[AgentProject]:
     env["XDG_CACHE_HOME"] = str(home / ".cache")
     env["XDG_STATE_HOME"] = str(home / ".local" / "state")
     env["NO_COLOR"] = "1"
+    tmp = tmp_path / "tmp"  # gemini writes an error report to os.tmpdir() per failure
+    tmp.mkdir()
+    env["TMPDIR"] = str(tmp)
     for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
         env.pop(proxy, None)
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"

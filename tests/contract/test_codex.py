@@ -274,7 +274,7 @@ def test_unreachable_provider_times_out_as_unreachable_quoting_the_last_event(
     assert a["status"] == "provider_error" and a["cause"] == "unreachable"
     assert "timed out after 20s" in a["error"]
     assert "last event" in a["error"] and "waiting for network" in a["error"]
-    assert a["error"].startswith("provider unreachable")
+    assert a["error"].startswith("codex runner: provider unreachable")
     assert "waiting for network" in log_of(cx, a)
 
 
@@ -324,7 +324,7 @@ def test_hanging_server_times_out_with_the_event_stream_kept(
     assert cx.run("t.yaml").returncode == 1
     a = cx.task("a")
     assert a["status"] == "timeout"
-    assert a["error"].startswith("timed out after 8s (last event")
+    assert a["error"].startswith("codex runner: timed out after 8s (last event")
     assert "turn started, waiting for the model" in a["error"]
     assert a["last_event"] == "turn started, waiting for the model"
     kinds = [e.get("type") for e in json_events(log_of(cx, a))]

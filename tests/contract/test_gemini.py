@@ -68,10 +68,9 @@ def gm(contract_project: AgentProject, stub: GeminiStub, tmp_path: Path) -> Agen
     """A project whose agents run on the real gemini, talking to `stub`."""
     client("gemini")
     write_settings(contract_project)
-    tmp = tmp_path / "tmp"  # gemini writes its error reports to os.tmpdir()
-    tmp.mkdir()
-    contract_project.env.update(GOOGLE_GEMINI_BASE_URL=stub.origin, GEMINI_API_KEY=KEY,
-                                TMPDIR=str(tmp))
+    # contract_project gives each test a private TMPDIR: gemini writes an error report
+    # to os.tmpdir() for every API error it gives up on.
+    contract_project.env.update(GOOGLE_GEMINI_BASE_URL=stub.origin, GEMINI_API_KEY=KEY)
     contract_project.define("reviewer", BODY, model=MODEL)
     contract_project.config('[defaults]\nrunner = "gemini"\n')
     return contract_project
@@ -347,7 +346,7 @@ def test_rate_limit_seen_live_names_the_cause_when_the_task_times_out(
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "rate_limit"
-    assert a["error"].startswith("rate limited: timed out after 15s (last event")
+    assert a["error"].startswith("gemini runner: rate limited: timed out after 15s (last event")
     assert f"provider asked to wait {RETRY_DELAY_S} s" in a["error"]
     assert a["last_event"].startswith("API rate limited: provider asked to wait")
     assert "Attempt 1 failed" in log_of(a)
@@ -409,7 +408,8 @@ def test_server_error_seen_live_names_the_cause_when_the_task_times_out(
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "server"
-    assert a["error"].startswith("provider server error: timed out after 15s (last event")
+    assert a["error"].startswith(
+        "gemini runner: provider server error: timed out after 15s (last event")
     assert re.search(r"last event \d+ s ago: API retry \d+: provider server error \(An "
                      r"internal error has occurred", a["error"]), a["error"]
 
@@ -422,7 +422,8 @@ def test_unreachable_provider_times_out_as_unreachable_quoting_the_last_event(
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "unreachable"
-    assert a["error"].startswith("provider unreachable: timed out after 15s (last event")
+    assert a["error"].startswith(
+        "gemini runner: provider unreachable: timed out after 15s (last event")
     assert re.search(r"last event \d+ s ago: API retry \d+: provider unreachable \(exception "
                      r"TypeError: fetch failed sending request\)", a["error"]), a["error"]
 
@@ -454,7 +455,7 @@ def test_hanging_server_times_out_with_the_event_stream_kept(
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "timeout"
-    assert a["error"].startswith("timed out after 15s (last event")
+    assert a["error"].startswith("gemini runner: timed out after 15s (last event")
     assert "prompt sent, waiting for the model" in a["error"]
     assert a["last_event"] == "prompt sent, waiting for the model"
     events = json_events(log_of(a))
