@@ -324,7 +324,7 @@ def test_rate_limit_seen_live_names_the_cause_and_the_wait_when_the_task_times_o
     assert cc.run("t.yaml").returncode == 1
     a = cc.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "rate_limit"
-    assert a["error"].startswith("rate limited: timed out after 10s (last event ")
+    assert a["error"].startswith("claude runner: rate limited: timed out after 10s (last event ")
     wait = re.search(r"API retry 1/10: rate limited \(HTTP 429 rate_limit\), next try in "
                      r"(\d+) s\)", a["error"])
     assert wait is not None, a["error"]
@@ -368,7 +368,7 @@ def test_overload_and_server_errors_seen_live_name_the_cause_when_the_task_times
     assert cc.run("t.yaml").returncode == 1
     a = cc.task("a")
     assert a["status"] == "provider_error" and a["cause"] == cause
-    assert a["error"].startswith(f"{name}: timed out after 12s (last event ")
+    assert a["error"].startswith(f"claude runner: {name}: timed out after 12s (last event ")
     assert "API retry " in a["error"] and f"(HTTP {step} " in a["error"]
     calls = len(stub.messages())
     assert calls >= 2  # claude's own retries (0.5, 1, 2, 4.5 s apart), seen as they happen
@@ -397,7 +397,8 @@ def test_unreachable_provider_times_out_as_unreachable_quoting_the_last_event(
         .returncode == 1
     a = cc.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "unreachable"
-    assert a["error"].startswith("provider unreachable: timed out after 8s (last event ")
+    assert a["error"].startswith(
+        "claude runner: provider unreachable: timed out after 8s (last event ")
     assert "API retry" in a["error"] and "no answer from the API" in a["error"]
     retries = events(log_of(a), "system", "api_retry")
     assert retries and all(r["error_status"] is None for r in retries)
@@ -449,7 +450,7 @@ def test_hanging_server_times_out_with_the_event_stream_kept(
     a = cc.task("a")
     assert a["status"] == "timeout"
     started = f"claude {VERSION} started: model {MODEL}"
-    assert a["error"].startswith("timed out after 10s (last event ")
+    assert a["error"].startswith("claude runner: timed out after 10s (last event ")
     assert started in a["error"]
     assert a["last_event"].startswith(started)
     assert [e["type"] for e in events(log_of(a))] == ["system"]  # the init event, kept
