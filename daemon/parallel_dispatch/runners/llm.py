@@ -1,13 +1,24 @@
 """llm preset (simonw/llm): `llm -m M -s BODY --no-stream -u -n`, prompt on stdin.
 
-Followed (see docs/agent-clis.md, "llm"): llm **0.27** — simonw/llm `docs/usage.md`,
-`llm prompt --help`, and `llm/cli.py` / `llm/utils.py` (`token_usage_string`).
-Notable choices:
+Verified against the real **llm 0.36** with an OpenAI-compatible model from
+`extra-openai-models.yaml` pointing at a local Chat Completions stub, and with the
+local SmolLM2 model (tests/contract/test_llm.py; docs/agent-clis.md, "llm").  Notable
+choices:
 
 * stdout is the answer as is; `-u` prints `Token usage: 1,234 input, 56 output` on
-  stderr (no cost is reported); `-n` keeps parallel runs from all writing logs.db;
+  stderr (no cost; an empty `Token usage: ` when the model reports none); `-n` keeps
+  parallel runs from all writing logs.db;
+* `--no-stream` stays: streamed, a connection cut mid-reply ends with exit 0 and half
+  an answer (the `openai` SDK's stream just stops), while a whole reply that is cut
+  raises, and the SDK retries it;
+* `OPENAI_LOG=info` (unless set) makes the `openai` SDK that llm's OpenAI models use
+  print `Retrying request in 2.0 seconds (retry 1 of 2)` on stderr: live retry events;
 * a system prompt too long for argv is put in front of the prompt instead of `-s`;
-* llm has no exit-0 error payload: failures are click's `Error: ...` with exit 1.
+* llm has no exit-0 error payload: failures are click's `Error: ...` with exit 1; the
+  SDK's errors read `Error code: 401 - <message>`, `Connection error.` (refused or cut
+  after the SDK's 2 retries), and a local model's `Requested tokens (931) exceed
+  context window of 512`.  They are classified into causes (bad credentials, rate
+  limit, quota, overloaded, server, unreachable, rejected request).
 """
 
 from __future__ import annotations
@@ -15,15 +26,48 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from .preset import Call, Invocation, Parsed, PresetRunner, last_line
+from ..events import AgentEvent, Cause
+from .preset import Call, Invocation, Parsed, PresetRunner, StreamName, last_line
 
 USAGE_RE = re.compile(r"Token usage: ([\d,]+) input, ([\d,]+) output")
+STATUS_RE = re.compile(r"Error code: (\d{3})\b")
+RETRY_RE = re.compile(r"Retrying request in ([\d.]+) seconds \(retry (\d+) of (\d+)\)")
+WAIT_RE = re.compile(r"try again in (\d+(?:\.\d+)?)(ms|s)\b", re.IGNORECASE)
+TEXT_CAUSES: tuple[tuple[Cause, re.Pattern[str]], ...] = tuple(
+    (cause, re.compile(pattern, re.IGNORECASE)) for cause, pattern in (
+        ("auth", r"no key found|incorrect api key|invalid[ _]api[ _]key|unauthori[sz]ed|"
+                 r"authentication"),
+        ("quota", r"insufficient_quota|exceeded your current quota"),
+        ("rate_limit", r"rate.?limit"),
+        ("overloaded", r"overloaded"),
+        ("bad_request", r"context window|context length|context_length_exceeded|"
+                        r"maximum context|too many tokens"),
+        ("unreachable", r"^connection error\.?$|connection refused|name or service not known"),
+    ))
+
+
+def classify(message: str) -> tuple[Cause | None, int | None]:
+    """The cause of an llm error message, and the HTTP status it quotes."""
+    match = STATUS_RE.search(message)
+    status = int(match.group(1)) if match else None
+    text = next((c for c, pattern in TEXT_CAUSES if pattern.search(message)), None)
+    if status in (401, 403):
+        return "auth", status
+    if status == 429:
+        return ("quota" if text == "quota" else "rate_limit"), status
+    if status in (503, 529):
+        return "overloaded", status
+    if status is not None and status >= 500:
+        return "server", status
+    if status in (400, 404, 413, 422):
+        return "bad_request", status
+    return text, status
 
 
 class LlmRunner(PresetRunner):
     name = "llm"
     executable = "llm"
-    docs = "llm 0.27; simonw/llm docs/usage.md, llm/cli.py"
+    docs = "llm 0.36 (verified on a local Chat Completions stub and SmolLM2); simonw/llm"
     install_hint = ("install llm (pipx install llm) or set command = [\"/path/to/llm\"] in "
                     "[runners.llm]")
     auth_hint = "add a key with `llm keys set <provider>` or set the provider's key variable"
@@ -41,7 +85,26 @@ class LlmRunner(PresetRunner):
             else:
                 stdin = call.with_system_prompt()
         argv += ["--no-stream", "-u", "-n", *agent.args]
-        return Invocation(argv=argv, stdin=stdin)
+        env = {} if "OPENAI_LOG" in agent.env or "OPENAI_LOG" in self.base_env \
+            else {"OPENAI_LOG": "info"}
+        return Invocation(argv=argv, stdin=stdin, env=env)
+
+    def watch(self, call: Call, line: str, stream: StreamName) -> AgentEvent | None:
+        if stream != "stderr":
+            return None
+        text = line.strip()
+        retry = RETRY_RE.search(text)
+        if retry:
+            return AgentEvent(f"API retry {retry.group(2)}/{retry.group(3)} in "
+                              f"{float(retry.group(1)):.1f} s", kind="retry")
+        usage = USAGE_RE.search(text)
+        if usage:
+            return AgentEvent(f"tokens: {usage.group(1)} input, {usage.group(2)} output",
+                              kind="tokens")
+        if text.startswith("Error:"):
+            cause, _ = classify(text)
+            return AgentEvent(text, kind="error", cause=cause)
+        return None
 
     def parse(self, call: Call, code: int, stdout: bytes, stderr: str) -> Parsed:
         metrics: dict[str, Any] = {}
@@ -53,12 +116,22 @@ class LlmRunner(PresetRunner):
         if code != 0:
             message = last_line(stderr, "Error:").removeprefix("Error:").strip() \
                 or last_line(stderr)
-            if "unknown model" in message.lower():
-                return Parsed(ok=False, retryable=False,
-                              error=f"{message}; set model = \"...\" (see `llm models`) in "
-                                    "[agents.<name>] or [runners.llm]")
-            if "no key found" in message.lower():  # llm's message already says what to do
-                return Parsed(ok=False, retryable=False, error=f"bad credentials: {message}")
-            return self.failure(message, code)
+            parsed = self._error(message, code)
+            parsed.metrics = metrics
+            return parsed
         metrics["turns"] = 1
         return Parsed(ok=True, text=stdout.decode("utf-8", errors="replace"), metrics=metrics)
+
+    def _error(self, message: str, code: int) -> Parsed:
+        if "unknown model" in message.lower():
+            return Parsed(ok=False, retryable=False,
+                          error=f"{message}; set model = \"...\" (see `llm models`) in "
+                                "[agents.<name>] or [runners.llm]")
+        cause, _ = classify(message)
+        if cause is None:
+            return self.failure(message, code)
+        wait = WAIT_RE.search(message) if cause == "rate_limit" else None
+        retry_after = None
+        if wait:
+            retry_after = float(wait.group(1)) / (1000 if wait.group(2) == "ms" else 1)
+        return self.provider_error(cause, message, retry_after=retry_after)

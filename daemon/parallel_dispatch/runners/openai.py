@@ -4,7 +4,16 @@ For any server speaking the OpenAI Chat Completions API — OpenAI, Ollama, vLLM
 llama.cpp's server, LM Studio.  Followed: the OpenAI API reference for
 `POST /v1/chat/completions` with `stream: true` (server-sent events of
 `chat.completion.chunk`, ended by `data: [DONE]`; `stream_options.include_usage` adds a
-last chunk with `usage`) and the `Retry-After` header of 429 replies.
+last chunk with `usage`), the `Retry-After` / `x-ratelimit-reset-*` headers of 429
+replies, and llama.cpp's server, which ignores `include_usage` and puts `usage` and its
+own `timings` (`prompt_n`, `predicted_n`) into the finishing chunk instead (some builds
+and forks send only `timings`).  Tested against tests/stubs/openai_chat.py.
+
+A failed request names its cause (`Outcome.cause`, see events.CAUSES): 401/403 bad
+credentials (not retried), 429 rate limited (retried after the server's reset time) or
+`insufficient_quota` (not retried), 503/529 overloaded, other 5xx a server error,
+400/404/413/422 a rejected request, a refused connection an unreachable server.  Each
+streamed chunk counts as activity for `idle_timeout`; errors are also live events.
 
 httpx runs natively on trio (through anyio), so a task's timeout or a Ctrl-C cancels
 the request like any other attempt.  The reply is written to the staged output as it
@@ -21,12 +30,14 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..agents import AgentSpec
+from ..events import CAUSES, AgentEvent, Cause
 from ..inputs import compose_prompt
 from ..outputs import Staging, open_creating_dirs
 from .base import Job, Outcome
@@ -38,17 +49,21 @@ DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 CONNECT_TIMEOUT_S = 10.0
 MAX_RETRY_AFTER_S = 3600.0
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+"""OpenAI's `x-ratelimit-reset-*` values: `1s`, `6m0s`, `120ms`, `1h2m3.5s`."""
 
 
 class OpenAIError(Exception):
     """One failed request, already phrased for the task's error."""
 
     def __init__(self, message: str, retryable: bool = True,
-                 retry_after: float | None = None, status: int | None = None) -> None:
+                 retry_after: float | None = None, status: int | None = None,
+                 cause: Cause | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
         self.status = status
+        self.cause = cause
 
 
 class OpenAIRunner(CommandRunner):
@@ -88,11 +103,17 @@ class OpenAIRunner(CommandRunner):
             except OpenAIError as exc:
                 msg = f"openai runner: {exc}"
                 log.write(f"error: {msg}\n".encode())
-                return Outcome(ok=False, error=msg,
-                               retryable=exc.retryable, retry_after=exc.retry_after)
+                if job.activity is not None:
+                    job.activity.event(AgentEvent(str(exc), kind="error", cause=exc.cause,
+                                                  retry_after=exc.retry_after))
+                return Outcome(ok=False, error=msg, retryable=exc.retryable,
+                               retry_after=exc.retry_after, cause=exc.cause)
             metrics["turns"] = 1
-            usage = ", ".join(f"{k} {v}" for k, v in metrics.items())
-            log.write(f"=== done: {usage or 'no usage reported'}\n".encode())
+            usage = ", ".join(f"{k} {v}" for k, v in metrics.items()
+                              if k.endswith("tokens"))
+            log.write(f"=== done: {usage or 'the server reported no token usage'}\n".encode())
+            if job.activity is not None and usage:
+                job.activity.event(AgentEvent(f"done: {usage}", kind="tokens"))
         return Outcome(ok=True, metrics=metrics)
 
     async def _request(self, job: Job, staging: Staging, url: str) -> dict[str, Any]:
@@ -116,6 +137,9 @@ class OpenAIRunner(CommandRunner):
         body = {"model": agent.model, "messages": messages, "stream": True,
                 "stream_options": {"include_usage": True}}
         timeout = httpx.Timeout(CONNECT_TIMEOUT_S, read=agent.read_timeout)
+        activity = job.activity
+        if activity is not None:
+            activity.event(AgentEvent(f"POST {url}: waiting for the model"))
         try:
             async with httpx.AsyncClient(timeout=timeout) as client, \
                     client.stream("POST", url, json=body, headers=headers) as resp:
@@ -125,14 +149,17 @@ class OpenAIRunner(CommandRunner):
                 staging.stdout.parent.mkdir(parents=True, exist_ok=True)
                 with open(staging.stdout, "w", encoding="utf-8") as out:
                     if "text/event-stream" in resp.headers.get("content-type", ""):
-                        return await _stream(resp.aiter_lines(), out)
+                        saw = activity.saw_output if activity is not None else None
+                        return await _stream(resp.aiter_lines(), out, saw)
                     return _whole(await _body(resp), out)
         except httpx.ConnectError as exc:
-            raise OpenAIError(f"cannot connect to {url} ({exc}); is the server running and "
-                              "base_url right?") from None
+            raise OpenAIError(f"{CAUSES['unreachable']}: cannot connect to {url} ({exc}); is "
+                              "the server running and base_url right?",
+                              cause="unreachable") from None
         except httpx.ConnectTimeout:
-            raise OpenAIError(f"connecting to {url} timed out after {CONNECT_TIMEOUT_S:g}s; "
-                              "is the server up?") from None
+            raise OpenAIError(f"{CAUSES['unreachable']}: connecting to {url} timed out after "
+                              f"{CONNECT_TIMEOUT_S:g}s; is the server up?",
+                              cause="unreachable") from None
         except httpx.ReadTimeout:
             raise OpenAIError(f"no data from {url} for {agent.read_timeout:g}s "
                               "(read_timeout); the server is overloaded or the model is slow: "
@@ -172,6 +199,28 @@ def _server_message(body: bytes) -> str:
     return text[:300] or "(empty body)"
 
 
+def duration_s(value: str) -> float | None:
+    """`6m0s` → 360.0, `120ms` → 0.12; None when it is not such a duration."""
+    value = value.strip()
+    parts = DURATION.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        return None
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def reset_after_s(headers: Any, now: float | None = None) -> float | None:
+    """How long a rate-limited client should wait: `Retry-After` (or `retry-after-ms`),
+    else the later of OpenAI's `x-ratelimit-reset-requests` / `-tokens`."""
+    wait = retry_after_s(headers, now)
+    if wait is not None:
+        return wait
+    resets = [duration_s(str(headers.get(h) or "")) for h in
+              ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
+    known = [r for r in resets if r is not None]
+    return min(max(known), MAX_RETRY_AFTER_S) if known else None
+
+
 def retry_after_s(headers: Any, now: float | None = None) -> float | None:
     """Seconds to wait from `Retry-After` (seconds or HTTP date) or `retry-after-ms`."""
     ms = headers.get("retry-after-ms")
@@ -201,22 +250,29 @@ def _http_error(status: int, body: bytes, headers: Any, url: str, key_name: str,
         fix = (f"set ${key_name} to a valid key" if sent_key
                else f"the server wants a key: export it as ${key_name} (or name another "
                     "variable with api_key_env)")
-        return OpenAIError(f"bad credentials (HTTP {status}: {message}); {fix}",
-                           retryable=False, status=status)
+        return OpenAIError(f"{CAUSES['auth']} (HTTP {status}: {message}); {fix}",
+                           retryable=False, status=status, cause="auth")
     if status == 404:
-        return OpenAIError(f"HTTP 404 from {url}: {message}; check base_url (most servers "
-                           "want it to end in /v1) and the model name", retryable=False,
-                           status=status)
+        return OpenAIError(f"{CAUSES['bad_request']} (HTTP 404 from {url}: {message}); check "
+                           "base_url (most servers want it to end in /v1) and the model name",
+                           retryable=False, status=status, cause="bad_request")
+    if status == 429 and b"insufficient_quota" in body:
+        return OpenAIError(f"{CAUSES['quota']} (HTTP 429: {message})", retryable=False,
+                           status=status, cause="quota")
     if status == 429:
-        wait = retry_after_s(headers)
+        wait = reset_after_s(headers)
         hint = f"retry after {wait:g}s" if wait is not None else "retry later"
-        return OpenAIError(f"rate limited (HTTP 429: {message}); {hint}", retryable=True,
-                           retry_after=wait, status=status)
-    if status in RETRYABLE_STATUS:
-        return OpenAIError(f"server error (HTTP {status}: {message})", retryable=True,
-                           retry_after=retry_after_s(headers), status=status)
-    return OpenAIError(f"request rejected (HTTP {status}: {message}); check model and "
-                       "base_url", retryable=False, status=status)
+        return OpenAIError(f"{CAUSES['rate_limit']} (HTTP 429: {message}); {hint}",
+                           retryable=True, retry_after=wait, status=status, cause="rate_limit")
+    if status in (503, 529):
+        return OpenAIError(f"{CAUSES['overloaded']} (HTTP {status}: {message})", retryable=True,
+                           retry_after=retry_after_s(headers), status=status,
+                           cause="overloaded")
+    if status in RETRYABLE_STATUS or status >= 500:
+        return OpenAIError(f"{CAUSES['server']} (HTTP {status}: {message})", retryable=True,
+                           retry_after=retry_after_s(headers), status=status, cause="server")
+    return OpenAIError(f"{CAUSES['bad_request']} (HTTP {status}: {message}); check model and "
+                       "base_url", retryable=False, status=status, cause="bad_request")
 
 
 async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -233,11 +289,14 @@ async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
         yield "\n".join(data)
 
 
-async def _stream(lines: AsyncIterator[str], out: Any) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
+async def _stream(lines: AsyncIterator[str], out: Any,
+                  saw_output: Callable[[], None] | None = None) -> dict[str, Any]:
+    usage = _Usage()
     finished = False
     last = ""
     async for data in _sse_data(lines):
+        if saw_output is not None:
+            saw_output()
         if data.strip() == "[DONE]":
             finished = True
             break
@@ -248,9 +307,9 @@ async def _stream(lines: AsyncIterator[str], out: Any) -> dict[str, Any]:
         if not isinstance(chunk, dict):
             continue
         if "error" in chunk:
-            raise OpenAIError(f"the server reported an error mid-stream: "
-                              f"{_server_message(data.encode())}")
-        _usage(chunk, metrics)
+            raise OpenAIError(f"{CAUSES['server']}: the server reported an error mid-stream: "
+                              f"{_server_message(data.encode())}", cause="server")
+        usage.read(chunk)
         for choice in chunk.get("choices") or []:
             if not isinstance(choice, dict):
                 continue
@@ -267,7 +326,7 @@ async def _stream(lines: AsyncIterator[str], out: Any) -> dict[str, Any]:
                           "and no [DONE])")
     if last and not last.endswith("\n"):
         out.write("\n")
-    return metrics
+    return usage.metrics()
 
 
 def _whole(body: bytes, out: Any) -> dict[str, Any]:
@@ -277,18 +336,32 @@ def _whole(body: bytes, out: Any) -> dict[str, Any]:
         text = data["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
         raise OpenAIError(f"unexpected reply (not a chat completion): {body[:200]!r}") from None
-    metrics: dict[str, Any] = {}
-    _usage(data, metrics)
+    usage = _Usage()
+    usage.read(data)
     text = text or ""
     out.write(text + ("" if not text or text.endswith("\n") else "\n"))
-    return metrics
+    return usage.metrics()
 
 
-def _usage(chunk: dict[str, Any], metrics: dict[str, Any]) -> None:
-    usage = chunk.get("usage")
-    if isinstance(usage, dict):
-        for src, dst in (("prompt_tokens", "input_tokens"),
-                         ("completion_tokens", "output_tokens")):
-            value = usage.get(src)
-            if isinstance(value, int) and not isinstance(value, bool):
-                metrics[dst] = value
+class _Usage:
+    """Token counts seen in a reply: `usage` (OpenAI's usage chunk, or llama.cpp's
+    finishing chunk) wins over llama.cpp's `timings` (whose `prompt_n` counts only the
+    prompt tokens that were not already cached)."""
+
+    def __init__(self) -> None:
+        self.usage: dict[str, int] = {}
+        self.timings: dict[str, int] = {}
+
+    def read(self, chunk: dict[str, Any]) -> None:
+        for key, fields, into in (("usage", ("prompt_tokens", "completion_tokens"), self.usage),
+                                  ("timings", ("prompt_n", "predicted_n"), self.timings)):
+            found = chunk.get(key)
+            if not isinstance(found, dict):
+                continue
+            for src, dst in zip(fields, ("input_tokens", "output_tokens"), strict=True):
+                value = found.get(src)
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    into[dst] = value
+
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.usage or self.timings)
