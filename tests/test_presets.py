@@ -39,99 +39,6 @@ def one_task(ap: AgentProject, agent: str = "reviewer", prompt: str = PROMPT) ->
 # --- argv, system prompt, output -----------------------------------------------------
 
 
-def test_claude_is_the_default_runner_and_gets_definition_body_model_and_tools(
-        ap: AgentProject) -> None:
-    ap.define("reviewer", BODY, model="sonnet", tools="Read, Grep, Bash(git log:*)")
-    one_task(ap)
-    proc = ap.run("t.yaml")
-    assert proc.returncode == 0, proc.stderr
-    call = ap.calls("claude")[0]
-    assert call["argv"] == ["-p", "--output-format", "json", "--model", "sonnet",
-                            "--append-system-prompt", BODY,
-                            "--allowedTools", "Read,Grep,Bash(git log:*)"]
-    assert call["stdin"] == PROMPT
-    assert call["env"]["DISPATCH_TASK_ID"] == "a"
-    assert ap.output("a.md") == RESULT  # only the result, not the JSON payload
-    task = ap.task("a")
-    assert task["cost_usd"] == pytest.approx(0.0123)
-    assert (task["input_tokens"], task["output_tokens"], task["turns"]) == (1200, 345, 1)
-    assert task["session_id"]
-
-
-def test_codex_gets_developer_instructions_as_a_toml_string(ap: AgentProject) -> None:
-    ap.define("reviewer", BODY + "\x7f", model="sonnet")
-    ap.config('[defaults]\nrunner = "codex"\n')
-    one_task(ap)
-    proc = ap.run("t.yaml")
-    assert proc.returncode == 0, proc.stderr
-    call = ap.calls("codex")[0]
-    argv = call["argv"]
-    assert argv[:5] == ["exec", "--json", "--skip-git-repo-check", "--sandbox", "read-only"]
-    assert argv[5] == "-o" and argv[6].endswith("last-message.txt")
-    assert argv[7] == "-c" and argv[-1] == "-"
-    assert "-m" not in argv  # `sonnet` is a Claude model: not passed to codex
-    assert call["config"]["developer_instructions"] == BODY + "\x7f"  # parsed back as TOML
-    assert call["stdin"] == PROMPT
-    assert ap.output("a.md") == RESULT
-    task = ap.task("a")
-    assert task["cost_usd"] is None  # codex reports no cost
-    assert (task["input_tokens"], task["output_tokens"], task["turns"]) == (1200, 345, 1)
-
-
-def test_gemini_gets_the_body_through_gemini_system_md(ap: AgentProject) -> None:
-    ap.define("reviewer", BODY, model="gemini-2.5-flash")
-    ap.config('[defaults]\nrunner = "gemini"\n')
-    one_task(ap)
-    proc = ap.run("t.yaml")
-    assert proc.returncode == 0, proc.stderr
-    call = ap.calls("gemini")[0]
-    assert call["argv"] == ["--output-format", "json", "-m", "gemini-2.5-flash"]
-    assert call["stdin"] == PROMPT
-    assert call["system_md"] == BODY
-    path = call["system_md_path"]
-    assert path == path.lower() and not Path(path).exists()  # temp file, removed afterwards
-    assert ap.output("a.md") == RESULT
-    assert (ap.task("a")["input_tokens"], ap.task("a")["output_tokens"]) == (1200, 345)
-
-
-def test_opencode_puts_a_foreign_definition_in_front_of_the_prompt(ap: AgentProject) -> None:
-    ap.define("reviewer", BODY, model="sonnet")
-    ap.config('[defaults]\nrunner = "opencode"\n')
-    one_task(ap)
-    assert ap.run("t.yaml").returncode == 0
-    call = ap.calls("opencode")[0]
-    assert call["argv"] == ["run", "--format", "json"]
-    assert call["stdin"] == f"{BODY}\n\n---\n\n{PROMPT}"
-    assert ap.output("a.md") == "RESULT: You are a careful reviewer.\n"
-    task = ap.task("a")
-    assert task["cost_usd"] == pytest.approx(0.0123) and task["turns"] == 1
-
-
-def test_opencode_runs_its_own_agents_by_name(ap: AgentProject) -> None:
-    ap.define("reviewer", BODY, folder=".opencode/agent", model="anthropic/claude-sonnet-4-5",
-              description="Reviews")
-    ap.config('[defaults]\nrunner = "opencode"\n')
-    one_task(ap)
-    assert ap.run("t.yaml").returncode == 0
-    call = ap.calls("opencode")[0]
-    assert call["argv"] == ["run", "--format", "json", "--agent", "reviewer"]
-    assert call["agent_status"] == "found"
-    assert call["stdin"] == PROMPT
-    assert ap.output("a.md") == RESULT
-
-
-def test_llm_gets_system_and_model_and_reports_tokens(ap: AgentProject) -> None:
-    ap.define("reviewer", BODY)
-    ap.config('[defaults]\nrunner = "llm"\n\n[runners.llm]\nmodel = "gpt-4o-mini"\n')
-    one_task(ap)
-    assert ap.run("t.yaml").returncode == 0
-    call = ap.calls("llm")[0]
-    assert call["argv"] == ["-m", "gpt-4o-mini", "-s", BODY, "--no-stream", "-u", "-n"]
-    assert call["stdin"] == PROMPT
-    assert ap.output("a.md") == RESULT
-    assert (ap.task("a")["input_tokens"], ap.task("a")["output_tokens"]) == (1200, 345)
-
-
 def test_agent_config_overrides_runner_model_and_adds_args(ap: AgentProject) -> None:
     ap.define("reviewer", BODY, model="sonnet")
     ap.config("""
@@ -190,8 +97,9 @@ def test_plan_shows_preset_argv_without_running(ap: AgentProject) -> None:
     """)
     proc = ap.run("plan", "t.yaml")
     assert proc.returncode == 0, proc.stderr
-    assert ("$ claude -p --output-format json --model sonnet --append-system-prompt "
-            "'<system prompt: .claude/agents/reviewer.md>' --allowedTools Read") in proc.stdout
+    assert ("$ claude -p --output-format stream-json --verbose --no-session-persistence "
+            "--model sonnet --append-system-prompt '<system prompt: .claude/agents/reviewer.md>' "
+            "--tools=Read --allowedTools=Read  (prompt on stdin; runner claude)") in proc.stdout
     assert "$ codex exec --json --skip-git-repo-check" in proc.stdout
     assert "runner claude" in proc.stdout and "runner codex" in proc.stdout
     assert ap.calls() == []
@@ -288,90 +196,6 @@ def test_budget_from_task_file_settings_and_parallel_tasks_finish(ap: AgentProje
 # --- errors ---------------------------------------------------------------------------
 
 
-def test_claude_error_payload_with_exit_0_fails_the_task_and_the_run_goes_on(
-        ap: AgentProject) -> None:
-    ap.define("reviewer", BODY)
-    ap.tasks("""\
-        tasks:
-          - {id: a, agent: reviewer, output: a.md, prompt: "[fake mode=error turns=7] A"}
-          - {id: b, agent: reviewer, output: b.md, prompt: "[fake mode=error error_kind=api] B"}
-          - {id: c, agent: reviewer, output: c.md, prompt: "C"}
-          - {id: d, agent: reviewer, output: d.md, prompt: "D", dependencies: [a]}
-    """)
-    assert ap.run("t.yaml").returncode == 1
-    a, b = ap.task("a"), ap.task("b")
-    assert a["status"] == "failed" and a["exit_code"] == 0
-    assert a["error"].startswith("claude runner: Reached maximum number of turns (7)")
-    assert "error_max_turns" in a["error"] and "--max-turns" in a["error"]
-    assert a["cost_usd"] == pytest.approx(0.0123)  # a failed call still cost money
-    assert b["status"] == "failed" and "API Error: 529" in b["error"]
-    assert ap.task("c")["status"] == "succeeded"
-    assert ap.task("d")["status"] == "skipped"
-    assert not (ap.root / ".aiwg/working/a.md").exists()
-    assert "claude runner: Reached maximum number of turns" in ap.report_md()
-
-
-@pytest.mark.parametrize(("runner", "needle", "fix"), [
-    ("claude", "Invalid API key", "/login"),
-    ("codex", "401 Unauthorized", "codex login"),
-    ("gemini", "Please set an Auth method", "GEMINI_API_KEY"),
-    ("opencode", "API key is missing or invalid", "opencode auth login"),
-    ("llm", "No key found", "llm keys set"),
-])
-def test_bad_credentials_are_clear_and_not_retried(
-        ap: AgentProject, runner: str, needle: str, fix: str) -> None:
-    ap.define("reviewer", BODY)
-    ap.config(f'[defaults]\nrunner = "{runner}"\non_failure = "retry"\nretry_backoff = 0\n')
-    one_task(ap, prompt="[fake mode=exit] A")
-    assert ap.run("t.yaml").returncode == 1
-    task = ap.task("a")
-    assert task["status"] == "failed"
-    assert task["error"].startswith(f"{runner} runner: ")
-    assert needle in task["error"] and fix in task["error"]
-    assert task["attempts"] == 1  # retrying cannot fix credentials
-
-
-@pytest.mark.parametrize(("runner", "needle"), [
-    ("codex", "You've hit your usage limit"),
-    ("gemini", "Resource has been exhausted"),
-    ("opencode", "APIError: Overloaded"),
-])
-def test_error_payload_with_exit_0_per_tool(ap: AgentProject, runner: str, needle: str) -> None:
-    ap.define("reviewer", BODY)
-    ap.config(f'[defaults]\nrunner = "{runner}"\n')
-    one_task(ap, prompt="[fake mode=error] A")
-    ap.run("t.yaml")
-    task = ap.task("a")
-    assert task["status"] == "failed" and task["exit_code"] == 0
-    assert task["error"].startswith(f"{runner} runner: ") and needle in task["error"]
-
-
-def test_transient_errors_are_retried(ap: AgentProject) -> None:
-    ap.define("reviewer", BODY)
-    ap.config('[defaults]\nrunner = "opencode"\n')
-    ap.tasks("""\
-        tasks:
-          - {id: a, agent: reviewer, output: a.md, prompt: "[fake mode=error] A", retries: 1}
-        settings: {retry_backoff: 0}
-    """)
-    ap.run("t.yaml")
-    assert ap.task("a")["attempts"] == 2  # opencode said isRetryable: true
-
-
-@pytest.mark.parametrize(("code", "needle"), [
-    (41, "authentication failed (exit code 41)"),
-    (53, "turn limit reached (exit code 53)"),
-    (52, "configuration error (exit code 52)"),
-])
-def test_gemini_exit_codes_map_to_fixes(ap: AgentProject, code: int, needle: str) -> None:
-    ap.define("reviewer", BODY)
-    ap.config('[defaults]\nrunner = "gemini"\n')
-    one_task(ap, prompt=f"[fake mode=exit exit_code={code}] A")
-    ap.run("t.yaml")
-    task = ap.task("a")
-    assert task["exit_code"] == code and needle in task["error"]
-
-
 def test_cli_not_on_path_names_runner_and_fix(project: Project, tmp_path: Path) -> None:
     only_claude = tmp_path / "bin"
     only_claude.mkdir()
@@ -405,15 +229,6 @@ def test_hanging_cli_times_out_and_its_process_dies(ap: AgentProject) -> None:
     assert ap.task("b")["status"] == "succeeded"
     pid = ap.call_for("[fake mode=hang_hard]")["pid"]
     assert wait_until(lambda: not pid_alive(pid), timeout=10)
-
-
-def test_failed_call_keeps_payload_in_log(ap: AgentProject) -> None:
-    ap.define("reviewer", BODY)
-    one_task(ap, prompt="[fake mode=error] A")
-    ap.run("t.yaml")
-    log = (ap.root / ".aiwg/working/logs/a.log").read_text()
-    assert "error: claude runner:" in log
-    assert '"subtype": "error_max_turns"' in log or '"subtype":"error_max_turns"' in log
 
 
 # --- resolution and validation -------------------------------------------------------
@@ -493,17 +308,6 @@ def test_openai_runner_without_model_is_a_validation_error(ap: AgentProject) -> 
     assert "openai runner, which needs a model" in proc.stderr
 
 
-def test_long_system_prompt_avoids_argv_limits(ap: AgentProject) -> None:
-    body = "Rule: be precise.\n" * 8000  # ~144 KB: over Linux's 128 KiB per argument
-    ap.define("reviewer", body.strip())
-    one_task(ap)
-    proc = ap.run("t.yaml")
-    assert proc.returncode == 0, proc.stderr
-    argv = ap.calls("claude")[0]["argv"]
-    assert "--append-system-prompt-file" in argv and "--append-system-prompt" not in argv
-    assert ap.output("a.md") == RESULT
-
-
 def test_toml_written_by_init_is_accepted_by_validation(ap: AgentProject) -> None:
     proc = ap.run("init")
     assert proc.returncode == 0, proc.stderr
@@ -532,7 +336,7 @@ def test_architecture_review_example_runs_on_claude_code_agents(ap: AgentProject
     security = ap.call_for("Review architecture at")
     body = (agents / "security-architect.md").read_text().split("---\n", 2)[2].strip()
     assert security["argv"][security["argv"].index("--append-system-prompt") + 1] == body
-    assert security["argv"][-2:] == ["--allowedTools", "Read,Grep,Glob"]
+    assert security["argv"][-2:] == ["--tools=Read,Grep,Glob", "--allowedTools=Read,Grep,Glob"]
     report = json.loads((out / "dispatch-report.json").read_text())
     assert report["summary"]["cost_usd"] == pytest.approx(4 * 0.0123)
     assert "## Cost and tokens" in (out / "dispatch-report.md").read_text()

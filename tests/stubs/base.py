@@ -131,6 +131,8 @@ class StubServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        # A client closing a kept-alive connection is normal, not a traceback to print.
+        self.server.handle_error = lambda *args: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.05}, daemon=True)
 

@@ -75,8 +75,6 @@ class OpenAIChatStub(StubServer):
         self.retry_after_ms: int | None = None
         self.slow_s = 0.5
         self._ids = itertools.count(1)
-        # A client that closes a kept-alive connection is normal, not a traceback.
-        self.server.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
 
     @property
     def base_url(self) -> str:

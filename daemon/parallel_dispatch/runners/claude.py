@@ -273,10 +273,9 @@ def tool_flags(call: Call) -> tuple[list[str], list[str]]:
 
 def _seen(call: Call) -> _Seen:
     """Per-attempt stream state, kept on the attempt's `Call` (one per attempt)."""
-    state = vars(call).get("_claude_seen")
+    state = call.state.get("claude")
     if not isinstance(state, _Seen):
-        state = _Seen()
-        vars(call)["_claude_seen"] = state
+        state = call.state["claude"] = _Seen()
     return state
 
 

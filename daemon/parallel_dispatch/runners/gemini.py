@@ -30,10 +30,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..events import CAUSES, AgentEvent, Cause
-from .preset import Call, Invocation, Parsed, PresetRunner, StreamName, add, jsonl
-
-ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
-"""CSI, OSC and two-byte escapes: gemini colours its fatal messages red unless NO_COLOR."""
+from .preset import (
+    Call,
+    Invocation,
+    Parsed,
+    PresetRunner,
+    StreamName,
+    add,
+    jsonl,
+    strip_ansi,
+)
 
 EXIT_CODES: dict[int, tuple[str, str, bool]] = {
     # gemini's own codes: (what, what to fix, retryable)
@@ -125,10 +131,6 @@ class ApiError:
     def describe(self) -> str:
         what = " ".join(str(x) for x in (self.status, self.google_status) if x)
         return f"{self.message} (HTTP {what})" if what else self.message
-
-
-def strip_ansi(text: str) -> str:
-    return ANSI.sub("", text)
 
 
 def _text_cause(text: str) -> Cause | None:

@@ -52,13 +52,13 @@ from .preset import (
     StreamName,
     add,
     jsonl,
+    strip_ansi,
 )
 
 FALLBACK_WARNING = "Falling back to default agent"
 INLINE_PREFIX = "pd-"
 """Inline agents are named `pd-<definition>`, apart from opencode's and the user's."""
 
-ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 LOG_FIELD = re.compile(r'([\w.]+)=("(?:[^"\\]|\\.)*"|\S*)')
 LOG_LINE = re.compile(r"^timestamp=\S+ level=(?P<level>[A-Z]+) ")
 
@@ -89,10 +89,6 @@ TEXT_CAUSES: tuple[tuple[Cause, re.Pattern[str]], ...] = tuple(
         ("server", r"server (?:had an )?error|internal server error|bad gateway|\b50[0-4]\b"),
     ))
 """Cause per wording, for log lines that carry no HTTP status."""
-
-
-def strip_ansi(text: str) -> str:
-    return ANSI.sub("", text)
 
 
 def text_cause(text: str) -> Cause | None:
@@ -166,10 +162,6 @@ class OpencodeRunner(PresetRunner):
                  "`apiKey` in the provider's options in opencode.json)")
     model_families: ClassVar[frozenset[str]] = frozenset({"provider"})
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._live: dict[int, _Live] = {}
-
     # -- the command -------------------------------------------------------------------
     def build(self, call: Call) -> Invocation:
         agent = call.agent
@@ -227,7 +219,7 @@ class OpencodeRunner(PresetRunner):
         text = strip_ansi(line).strip()
         if not text:
             return None
-        live = self._live.setdefault(id(call), _Live())
+        live = call.state.setdefault("opencode", _Live())
         if stream == "stdout":
             if not text.startswith("{"):
                 return None
@@ -293,7 +285,6 @@ class OpencodeRunner(PresetRunner):
 
     # -- the result ----------------------------------------------------------------------
     def parse(self, call: Call, code: int, stdout: bytes, stderr: str) -> Parsed:
-        self._live.pop(id(call), None)
         metrics: dict[str, Any] = {}
         steps: list[list[str]] = [[]]
         error: dict[str, Any] | None = None

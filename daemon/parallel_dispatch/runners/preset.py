@@ -94,6 +94,14 @@ def toml_string(text: str) -> str:
     return "".join(out)
 
 
+ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+"""CSI, OSC and two-byte escape sequences: tools colour their messages even without a TTY."""
+
+
+def strip_ansi(text: str) -> str:
+    return ANSI.sub("", text)
+
+
 def jsonl(data: bytes) -> Iterator[dict[str, Any]]:
     """JSON objects, one per line; other lines (warnings, banners) are skipped."""
     for line in data.decode("utf-8", errors="replace").splitlines():
@@ -184,6 +192,8 @@ class Call:
     scratch: Path
     """Private folder for capture files; lives inside the staging area."""
     show: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+    """What a preset's `watch` keeps between lines of this attempt (counts, last retry)."""
     _temps: list[Path] = field(default_factory=list)
 
     @property
@@ -381,9 +391,11 @@ class PresetRunner(CommandRunner):
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(partial(pump, r_out, log=log, capture=capture,
-                                           on_line=watcher.stdout_line, budget=LogBudget()))
+                                           on_line=watcher.stdout_line, budget=LogBudget(),
+                                           on_data=watcher.activity.saw_output))
                 nursery.start_soon(partial(pump, r_err, log=log, on_line=watcher.stderr_line,
-                                           budget=LogBudget()))
+                                           budget=LogBudget(),
+                                           on_data=watcher.activity.saw_output))
                 r_out = r_err = -1
                 with trio.CancelScope() as stop:
                     watcher.stop_scope = stop
@@ -439,8 +451,7 @@ class _Watcher:
         except Exception as exc:  # a parsing bug must not lose the run
             ev = AgentEvent(f"could not read an event: {exc!r}")
         if ev is None:
-            self.activity.saw_output()
-            return
+            return  # the chunk that held this line already counted as activity
         self.activity.event(ev)
         if ev.fatal and self.fatal is None:
             self.fatal = ev

@@ -38,8 +38,10 @@ class LogBudget:
 
 
 async def pump(fd: int, *, log: IO[bytes], on_line: Callable[[str], None],
-               capture: IO[bytes] | None = None, budget: LogBudget | None = None) -> None:
-    """Copy the pipe `fd` to `capture` and `log` until EOF, calling `on_line` per line.
+               capture: IO[bytes] | None = None, budget: LogBudget | None = None,
+               on_data: Callable[[], None] | None = None) -> None:
+    """Copy the pipe `fd` to `capture` and `log` until EOF, calling `on_line` per line
+    and `on_data` per chunk read (text streamed without newlines is activity too).
 
     Owns `fd` (closes it).  Ends at EOF, i.e. once every process holding the write
     end is gone, or when cancelled.
@@ -52,6 +54,8 @@ async def pump(fd: int, *, log: IO[bytes], on_line: Callable[[str], None],
             data = await stream.receive_some(CHUNK)
             if not data:
                 break
+            if on_data is not None:
+                on_data()
             if capture is not None:
                 capture.write(data)
             n = budget.take(len(data)) if budget is not None else len(data)
