@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,15 +107,16 @@ def _stage(tmp_path: Path, unit_file: str, text: str | None = None) -> Path:
 
 def _analyze(tmp_path: Path, case: Case, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "", "LC_ALL": "C.UTF-8"}
-    if case.user:
-        runtime = tmp_path / "xdg-runtime"
-        runtime.mkdir(mode=0o700, exist_ok=True)
-        env["XDG_RUNTIME_DIR"] = str(runtime)
-    assert ANALYZE is not None
-    command = [ANALYZE, *(["--user"] if case.user else []), "--no-pager", *args]
-    return subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=TIMEOUT_S, cwd=tmp_path
-    )
+    with tempfile.TemporaryDirectory(prefix="pd-rt-") as short:
+        if case.user:
+            # A short path: the user manager's socket units put paths under it into
+            # sun_path (108 bytes), which a deep pytest tmp_path overflows.
+            env["XDG_RUNTIME_DIR"] = short
+        assert ANALYZE is not None
+        command = [ANALYZE, *(["--user"] if case.user else []), "--no-pager", *args]
+        return subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=TIMEOUT_S, cwd=tmp_path
+        )
 
 
 @needs_analyze
