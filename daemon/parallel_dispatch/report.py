@@ -254,8 +254,9 @@ def write_reports(result: RunResult) -> tuple[Path, Path]:
     result.report = data
     md_path = out_dir / REPORT_MD
     json_path = out_dir / REPORT_JSON
-    write_text(json_path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    # The Markdown first: whoever waits for the JSON (the machine contract) finds both.
     write_text(md_path, to_markdown(result, data))
+    write_text(json_path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     result.report_md_path, result.report_json_path = md_path, json_path
     return md_path, json_path
 
@@ -272,7 +273,7 @@ def write_error_report(output_dir: Path, task_file: str, diagnostics: list[Any])
     lines = ["# Parallel Dispatch Report", "", f"**Invalid task file**: `{task_file}` — "
              "nothing was run. Fix these errors and save the file again:", "", "```text",
              *(d.format() for d in diagnostics), "```", ""]
-    write_text(output_dir / REPORT_JSON, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     md = output_dir / REPORT_MD
     write_text(md, "\n".join(lines))
+    write_text(output_dir / REPORT_JSON, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return md
