@@ -144,7 +144,7 @@ def test_example_plan_runs_llm_with_smollm2() -> None:
              if re.match(r"\s*\$ (?:\w+=\S* )*llm ", line)]
     assert len(calls) == 3, proc.stdout
     for line in calls:
-        assert f"-m {MODEL} " in line and "--no-stream -u -n" in line, line
+        assert f"-m {MODEL} " in line and "--no-stream -u -n -d :memory:" in line, line
         assert "-d :memory:" in line, line
     assert "3 tasks in 2 waves · max_parallel 2" in proc.stdout
 

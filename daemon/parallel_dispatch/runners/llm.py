@@ -84,7 +84,13 @@ class LlmRunner(PresetRunner):
                 argv += ["-s", call.body]
             else:
                 stdin = call.with_system_prompt()
-        argv += ["--no-stream", "-u", "-n", *agent.args]
+        argv += ["--no-stream", "-u", "-n"]
+        if not any(a in ("-d", "--database") or a.startswith("--database=") for a in agent.args):
+            # llm 0.36 creates and migrates its logs.db on every prompt, even with -n:
+            # parallel first runs race on it ("no such table: log").  A private
+            # in-memory database avoids that and leaves the user's log alone.
+            argv += ["-d", ":memory:"]
+        argv += list(agent.args)
         env = {} if "OPENAI_LOG" in agent.env or "OPENAI_LOG" in self.base_env \
             else {"OPENAI_LOG": "info"}
         return Invocation(argv=argv, stdin=stdin, env=env)
