@@ -317,7 +317,7 @@ def test_toml_written_by_init_is_accepted_by_validation(ap: AgentProject) -> Non
 
 
 def test_architecture_review_example_runs_on_claude_code_agents(ap: AgentProject) -> None:
-    """docs/runners.md's walkthrough: the reference example against .claude/agents/."""
+    """README's walkthrough: the reference example against .claude/agents/."""
     examples = Path(__file__).resolve().parent.parent / "examples"
     agents = ap.root / ".claude/agents"
     agents.mkdir(parents=True)
