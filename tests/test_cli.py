@@ -238,3 +238,14 @@ def test_unwritable_output_dir_is_a_clear_usage_error(project: Project) -> None:
     assert proc.returncode == 2
     assert "cannot create the output dir" in proc.stderr and "--output" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bare_form_takes_options_before_the_task_file(project: Project) -> None:
+    """`parallel-dispatch -q tasks.yaml` is the bare form too, not an unknown command."""
+    project.config()
+    project.write("t.yaml", "tasks:\n  - {id: a, agent: w, prompt: x, output: a.md}\n")
+    proc = project.run("-q", "--max-parallel", "1", "t.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # -q: no progress
+    assert (project.root / ".aiwg/working/a.md").exists()
+    assert project.run("--version").stdout.startswith("parallel-dispatch ")

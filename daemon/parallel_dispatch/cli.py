@@ -215,8 +215,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         from .action import main as action_main
 
         return action_main(args_list[1:])
-    if args_list and args_list[0] not in SUBCOMMANDS and not args_list[0].startswith("-"):
-        args_list.insert(0, "run")
+    if args_list and args_list[0] not in (*SUBCOMMANDS, "-h", "--help", "--version"):
+        args_list.insert(0, "run")  # the bare form, options first or not: `-q tasks.yaml`
     parser = build_parser()
     if not args_list:
         parser.print_usage(sys.stderr)
