@@ -74,3 +74,19 @@ def test_plain_output_throttles_a_fast_retry_loop(result: RunResult,
     # changing text: at most one line per EVENT_LINE_EVERY_S / 5 = 1 s, so 10 in 10 s
     assert len(shown) == 10 * 5 / EVENT_LINE_EVERY_S, shown
     assert shown[0].endswith("API retry 1/50")
+
+
+def test_agent_text_cannot_start_a_line_of_its_own(result: RunResult) -> None:
+    """An error or event holding a newline stays on its progress line: in an Actions log
+    a line starting with `::` would be a workflow command (a forged annotation)."""
+    out = io.StringIO()
+    plain = PlainProgress(out)
+    review = result.records[0]
+    plain.task_event(review, AgentEvent("API retry 1/2: bad\n::error::forged\r::stop-commands::x",
+                                        kind="retry"))
+    review.status, review.error = "failed", "exit 1\n::warning::forged"
+    plain.task_finished(review)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert not any(line.lstrip().startswith("::") for line in lines)
+    assert "bad ⏎ ::error::forged ⏎ ::stop-commands::x" in lines[0]

@@ -65,7 +65,7 @@ class PlainProgress:
         self._shown: dict[str, tuple[float, str]] = {}
 
     def _line(self, text: str) -> None:
-        self.stream.write(f"[{time.monotonic() - self.t0:7.1f}s] {text}\n")
+        self.stream.write(f"[{time.monotonic() - self.t0:7.1f}s] {one_line(text)}\n")
         self.stream.flush()
 
     def run_started(self, result: RunResult) -> None:
@@ -128,7 +128,7 @@ class LiveProgress(PlainProgress):
 
     def _line(self, text: str) -> None:
         self._clear()
-        self.stream.write(f"[{time.monotonic() - self.t0:7.1f}s] {text}\n")
+        self.stream.write(f"[{time.monotonic() - self.t0:7.1f}s] {one_line(text)}\n")
         self.redraw()
 
     def redraw(self) -> None:
@@ -181,6 +181,12 @@ class LiveProgress(PlainProgress):
         super().run_finished(result)
         self._clear()
         self.stream.flush()
+
+
+def one_line(text: str) -> str:
+    """A progress line is one line: agent text (errors, events) may hold newlines, and
+    in a GitHub Actions log a line of its own starting with `::` is a workflow command."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ⏎ ")
 
 
 def _short(text: str, limit: int = 60) -> str:
