@@ -13,24 +13,30 @@ retries to seconds.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from contract.conftest import client, pinned
+from contract.clients import CLAUDE_MODEL as MODEL
+from contract.clients import configure_claude
+from contract.common import (
+    BODY,
+    PROMPT,
+    client,
+    closed_port,
+    json_events,
+    log_of,
+    one_task,
+    pinned,
+    run_two_chained_tasks,
+    run_two_tasks_with_a_bad_key,
+)
 from preset_support import AgentProject
-from stubs.anthropic import KEY, AnthropicStub, env
+from stubs.anthropic import KEY, AnthropicStub
 
-BODY = 'You are a careful reviewer.\nQuote "this", a back\\slash, tab\there, ünï, 🚀.'
-PROMPT = "Review the login flow"
-MODEL = "claude-sonnet-4-5"
 VERSION = pinned()["@anthropic-ai/claude-code"]
 
 
@@ -45,43 +51,7 @@ def cc(contract_project: AgentProject, stub: AnthropicStub) -> AgentProject:
     """A project whose agents run on the real claude (the default runner: it is on PATH
     and nothing is configured), talking to `stub`."""
     client("claude")
-    contract_project.env.update(env(stub))
-    contract_project.define("reviewer", BODY, model=MODEL)
-    return contract_project
-
-
-def one_task(ap: AgentProject, settings: str = "", agent: str = "reviewer",
-             retries: int | None = None, prompt: str = PROMPT) -> None:
-    lines = ["tasks:", "  - id: a", f"    agent: {agent}", f"    prompt: {json.dumps(prompt)}",
-             "    output: a.md"]
-    if retries is not None:
-        lines.append(f"    retries: {retries}")
-    if settings:
-        lines.append(f"settings: {settings}")
-    ap.tasks("\n".join(lines) + "\n")
-
-
-def log_of(task: dict[str, Any]) -> str:
-    return Path(task["log_path"]).read_text(encoding="utf-8", errors="replace")
-
-
-def events(log: str, kind: str | None = None, subtype: str | None = None) -> list[dict[str, Any]]:
-    """The stream-json events kept in a task log."""
-    out = []
-    for line in log.splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                ev = json.loads(line)
-                if (kind is None or ev.get("type") == kind) and \
-                        (subtype is None or ev.get("subtype") == subtype):
-                    out.append(ev)
-    return out
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return configure_claude(contract_project, stub)
 
 
 def list_price_cost(calls: int, stub: AnthropicStub) -> float:
@@ -118,20 +88,14 @@ def test_success_output_is_only_the_model_text_and_the_request_carries_body_and_
     # --no-session-persistence: no transcript left in the (private) home
     assert list((cc.home / ".claude").rglob("*.jsonl")) == []
     log = log_of(task)
-    (init,) = events(log, "system", "init")
+    (init,) = json_events(log, "system", "init")
     assert init["claude_code_version"] == VERSION and init["model"] == MODEL
-    assert events(log, "result")[0]["result"] == stub.text
+    assert json_events(log, "result")[0]["result"] == stub.text
 
 
 def test_tokens_cost_and_turns_add_up_in_both_reports(
         cc: AgentProject, stub: AnthropicStub) -> None:
-    cc.tasks("""\
-        tasks:
-          - {id: a, agent: reviewer, prompt: "First", output: a.md}
-          - {id: b, agent: reviewer, prompt: "Second", output: b.md, dependencies: [a]}
-    """)
-    assert cc.run("t.yaml").returncode == 0
-    report = cc.report()
+    report = run_two_chained_tasks(cc)
     assert [t["turns"] for t in report["tasks"]] == [1, 1]
     s = report["summary"]
     assert (s["input_tokens"], s["output_tokens"], s["turns"]) == \
@@ -205,7 +169,7 @@ def test_tools_restrict_and_allowed_tools_pre_approve(
     a = cc.task("a")
     assert "'--tools=Read,Bash', '--allowedTools=Read,Bash(git log:*)'" in (
         log_of(a).splitlines()[1])
-    (denied,) = events(log_of(a), "system", "permission_denied")
+    (denied,) = json_events(log_of(a), "system", "permission_denied")
     assert denied["tool_name"] == "Bash" and "needs approval" in denied["message"]
 
     one_task(cc, agent="runner")
@@ -240,31 +204,15 @@ def test_bad_key_ends_in_seconds_as_bad_credentials_and_stops_the_runner(
         cc: AgentProject, stub: AnthropicStub) -> None:
     """claude retries a 401 ten times (about three minutes) before giving up; its first
     `api_retry` event with status 401 ends the task, with the default 120 s timeout."""
-    cc.tasks("""\
-        tasks:
-          - {id: a, agent: reviewer, prompt: "First", output: a.md}
-          - {id: b, agent: reviewer, prompt: "Second", output: b.md}
-        settings: {max_parallel: 1, on_failure: retry}
-    """)
-    t0 = time.monotonic()
-    proc = cc.run("t.yaml", ANTHROPIC_API_KEY="sk-ant-api03-revoked")
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == 1
-    assert elapsed < 60, elapsed
-    a = cc.task("a")
-    assert a["status"] == "provider_error" and a["cause"] == "auth"
+    a, _ = run_two_tasks_with_a_bad_key(cc, "claude", "{max_parallel: 1, on_failure: retry}",
+                                        ANTHROPIC_API_KEY="sk-ant-api03-revoked")
     assert a["error"].startswith("claude runner: bad credentials: the API refused the "
                                  "credentials (HTTP 401 authentication_failed")
     assert "/login" in a["error"] and "ANTHROPIC_API_KEY" in a["error"]
-    assert a["attempts"] == 1
     assert len(stub.messages()) < 3  # claude alone would have made 11
-    (retry,) = events(log_of(a), "system", "api_retry")
+    (retry,) = json_events(log_of(a), "system", "api_retry")
     assert (retry["attempt"], retry["error_status"], retry["error"]) == \
         (1, 401, "authentication_failed")
-    b = cc.task("b")
-    assert b["status"] == "provider_error" and b["cause"] == "auth"
-    assert "credentials were rejected in task 'a'" in b["error"]
-    assert any("Bad credentials for the claude runner" in n for n in cc.report()["notes"])
 
 
 def test_permission_error_is_bad_credentials_without_retries(
@@ -280,7 +228,7 @@ def test_permission_error_is_bad_credentials_without_retries(
                                  "API Error: 403 Your API key does not have permission")
     assert "(HTTP 403 permission_error)" in a["error"]
     assert len(stub.messages()) == 1
-    assert events(log_of(a), "system", "api_retry") == []
+    assert json_events(log_of(a), "system", "api_retry") == []
 
 
 def test_rejected_request_is_not_retried(cc: AgentProject, stub: AnthropicStub) -> None:
@@ -295,7 +243,7 @@ def test_rejected_request_is_not_retried(cc: AgentProject, stub: AnthropicStub) 
                           "messages: at least one message is required "
                           "(HTTP 400 invalid_request_error)")
     assert a["attempts"] == 1
-    assert events(log_of(a), "system", "api_retry") == []
+    assert json_events(log_of(a), "system", "api_retry") == []
 
 
 # --- rate limits, overload, server errors -------------------------------------------------
@@ -311,7 +259,7 @@ def test_rate_limit_waits_the_servers_reset_time_then_succeeds(
     assert a["status"] == "succeeded" and a["attempts"] == 1
     first, second = stub.messages()
     assert second.t - first.t >= 2 * 0.9  # claude honours retry-after
-    (retry,) = events(log_of(a), "system", "api_retry")
+    (retry,) = json_events(log_of(a), "system", "api_retry")
     assert (retry["error_status"], retry["error"]) == (429, "rate_limit")
     assert retry["retry_delay_ms"] >= 2000
 
@@ -352,8 +300,8 @@ def test_claudes_final_api_error_is_classified_from_api_error_status(
     assert a["error"].startswith(f"claude runner: {name}: {needle}"), a["error"]
     assert f"(HTTP {step} " in a["error"]
     assert len(stub.messages()) == 3
-    assert len(events(log_of(a), "system", "api_retry")) == 2
-    (result,) = events(log_of(a), "result")
+    assert len(json_events(log_of(a), "system", "api_retry")) == 2
+    (result,) = json_events(log_of(a), "result")
     assert result["is_error"] is True and result["api_error_status"] == int(step)
 
 
@@ -372,7 +320,7 @@ def test_overload_and_server_errors_seen_live_name_the_cause_when_the_task_times
     assert "API retry " in a["error"] and f"(HTTP {step} " in a["error"]
     calls = len(stub.messages())
     assert calls >= 2  # claude's own retries (0.5, 1, 2, 4.5 s apart), seen as they happen
-    retries = events(log_of(a), "system", "api_retry")
+    retries = json_events(log_of(a), "system", "api_retry")
     assert calls - 1 <= len(retries) <= calls  # the last answer may beat its event
 
 
@@ -383,7 +331,7 @@ def test_overloaded_then_recovery_succeeds(cc: AgentProject, stub: AnthropicStub
     a = cc.task("a")
     assert a["status"] == "succeeded" and a["attempts"] == 1
     assert cc.output("a.md") == stub.text + "\n"
-    assert [e["error"] for e in events(log_of(a), "system", "api_retry")] == \
+    assert [e["error"] for e in json_events(log_of(a), "system", "api_retry")] == \
         ["overloaded", "overloaded"]
 
 
@@ -400,7 +348,7 @@ def test_unreachable_provider_times_out_as_unreachable_quoting_the_last_event(
     assert a["error"].startswith(
         "claude runner: provider unreachable: timed out after 8s (last event ")
     assert "API retry" in a["error"] and "no answer from the API" in a["error"]
-    retries = events(log_of(a), "system", "api_retry")
+    retries = json_events(log_of(a), "system", "api_retry")
     assert retries and all(r["error_status"] is None for r in retries)
 
 
@@ -424,7 +372,7 @@ def test_stream_dropped_once_then_success(cc: AgentProject, stub: AnthropicStub)
     assert a["status"] == "succeeded" and a["attempts"] == 1
     assert cc.output("a.md") == stub.text + "\n"  # not the cut-off partial text
     assert [c.step for c in stub.messages()] == ["drop", "ok"]
-    (retry,) = events(log_of(a), "system", "api_retry")
+    (retry,) = json_events(log_of(a), "system", "api_retry")
     assert retry["error_status"] is None
 
 
@@ -453,7 +401,7 @@ def test_hanging_server_times_out_with_the_event_stream_kept(
     assert a["error"].startswith("claude runner: timed out after 10s (last event ")
     assert started in a["error"]
     assert a["last_event"].startswith(started)
-    assert [e["type"] for e in events(log_of(a))] == ["system"]  # the init event, kept
+    assert [e["type"] for e in json_events(log_of(a))] == ["system"]  # the init event, kept
     assert len(stub.messages()) == 1
 
 
@@ -466,7 +414,7 @@ def test_hanging_server_with_idle_timeout_is_stalled(
     assert a["status"] == "stalled"
     assert "no output for 8s" in a["error"]
     assert f"claude {VERSION} started" in a["error"]
-    assert events(log_of(a), "system", "init")
+    assert json_events(log_of(a), "system", "init")
 
 
 # --- what the real client refuses (the fake mirrors these) -------------------------------

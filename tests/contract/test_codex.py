@@ -9,25 +9,29 @@ events, how long codex retries, and how the dispatcher names the outcome.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from contract.conftest import client
+from contract.clients import CODEX_BODY as BODY
+from contract.clients import CODEX_MODEL as MODEL
+from contract.clients import configure_codex, set_codex_provider
+from contract.common import GOOD_KEY as KEY
+from contract.common import (
+    PROMPT,
+    client,
+    closed_port,
+    json_events,
+    log_of,
+    one_task,
+    run_two_chained_tasks,
+    run_two_tasks_with_a_bad_key,
+)
 from preset_support import AgentProject
 from stubs.openai_responses import USAGE, ResponsesStub
-
-BODY = 'You are a careful reviewer.\nQuote "this", a back\\slash, tab\there, ünï, 🚀.\x7f'
-PROMPT = "Review the login flow"
-MODEL = "gpt-5.1-codex"
-KEY = "sk-stub-good-key"
 
 
 @pytest.fixture
@@ -36,61 +40,11 @@ def stub() -> Iterator[ResponsesStub]:
         yield server
 
 
-def provider_config(base_url: str, **extra: Any) -> str:
-    """A CODEX_HOME/config.toml selecting the stub as the model provider."""
-    lines = [f'model = "{MODEL}"', 'model_provider = "stub"', "",
-             "[model_providers.stub]", 'name = "Responses stub"', f'base_url = "{base_url}"',
-             'env_key = "STUB_API_KEY"', 'wire_api = "responses"']
-    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture
 def cx(contract_project: AgentProject, stub: ResponsesStub) -> AgentProject:
     """A project whose agents run on the real codex, talking to `stub`."""
     client("codex")
-    codex_home = contract_project.home / ".codex"
-    codex_home.mkdir()
-    (codex_home / "config.toml").write_text(provider_config(stub.base_url))
-    contract_project.env["CODEX_HOME"] = str(codex_home)
-    contract_project.env["STUB_API_KEY"] = KEY
-    contract_project.define("reviewer", BODY, model=MODEL)
-    contract_project.config('[defaults]\nrunner = "codex"\n')
-    return contract_project
-
-
-def set_provider(ap: AgentProject, base_url: str, **extra: Any) -> None:
-    (Path(ap.env["CODEX_HOME"]) / "config.toml").write_text(provider_config(base_url, **extra))
-
-
-def one_task(ap: AgentProject, settings: str = "", agent: str = "reviewer",
-             retries: int | None = None) -> None:
-    lines = ["tasks:", "  - id: a", f"    agent: {agent}", f'    prompt: "{PROMPT}"',
-             "    output: a.md"]
-    if retries is not None:
-        lines.append(f"    retries: {retries}")
-    if settings:
-        lines.append(f"settings: {settings}")
-    ap.tasks("\n".join(lines) + "\n")
-
-
-def log_of(ap: AgentProject, task: dict[str, Any]) -> str:
-    return Path(task["log_path"]).read_text(encoding="utf-8", errors="replace")
-
-
-def json_events(log: str) -> list[dict[str, Any]]:
-    out = []
-    for line in log.splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return configure_codex(contract_project, stub)
 
 
 def developer_texts(body: dict[str, Any]) -> list[str]:
@@ -138,7 +92,7 @@ def test_a_claude_model_name_is_not_passed_and_codex_uses_its_configured_model(
     assert cx.run("t.yaml").returncode == 0
     (call,) = stub.model_calls()
     assert call.body["model"] == MODEL  # from CODEX_HOME/config.toml, not "sonnet"
-    header = log_of(cx, cx.task("a")).splitlines()[1]
+    header = log_of(cx.task("a")).splitlines()[1]
     assert header.startswith("=== argv: ['codex', 'exec', '--json', '--skip-git-repo-check', "
                              "'--sandbox', 'read-only', '-o', ")
     assert "'-m'" not in header
@@ -146,13 +100,7 @@ def test_a_claude_model_name_is_not_passed_and_codex_uses_its_configured_model(
 
 def test_tokens_add_up_over_two_tasks_in_both_reports(
         cx: AgentProject, stub: ResponsesStub) -> None:
-    cx.tasks("""\
-        tasks:
-          - {id: a, agent: reviewer, prompt: "First", output: a.md}
-          - {id: b, agent: reviewer, prompt: "Second", output: b.md, dependencies: [a]}
-    """)
-    assert cx.run("t.yaml").returncode == 0
-    report = cx.report()
+    report = run_two_chained_tasks(cx)
     assert [t["turns"] for t in report["tasks"]] == [1, 1]
     summary = report["summary"]
     assert summary["input_tokens"] == 2 * USAGE["input_tokens"]
@@ -171,28 +119,11 @@ def test_bad_key_ends_in_seconds_as_bad_credentials_and_stops_the_runner(
     """codex retries a 401 five times (~7 s) before failing; the first retry event ends
     the task, and the runner's other task does not run into the same wall."""
     stub.behave("401")
-    cx.tasks("""\
-        tasks:
-          - {id: a, agent: reviewer, prompt: "First", output: a.md}
-          - {id: b, agent: reviewer, prompt: "Second", output: b.md}
-        settings: {max_parallel: 1}
-    """)
-    t0 = time.monotonic()
-    proc = cx.run("t.yaml", STUB_API_KEY="sk-bad-key")  # default 120 s timeout
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == 1
-    assert elapsed < 60, elapsed
-    a = cx.task("a")
-    assert a["status"] == "provider_error" and a["cause"] == "auth"
+    a, _ = run_two_tasks_with_a_bad_key(cx, "codex", STUB_API_KEY="sk-bad-key")
     assert a["error"].startswith("codex runner: bad credentials")
     assert "401 Unauthorized" in a["error"] and "Incorrect API key" in a["error"]
     assert "codex login" in a["error"]
-    assert a["attempts"] == 1
     assert len(stub.model_calls()) < 6  # codex alone would have made six
-    b = cx.task("b")
-    assert b["status"] == "provider_error" and b["cause"] == "auth"
-    assert "credentials were rejected in task 'a'" in b["error"]
-    assert any("Bad credentials for the codex runner" in n for n in cx.report()["notes"])
 
 
 def test_missing_key_variable_is_bad_credentials(cx: AgentProject, stub: ResponsesStub) -> None:
@@ -222,7 +153,7 @@ def test_rate_limit_waits_the_reset_time_then_ends_as_rate_limited(
     # codex honours the server's retry-after between its attempts
     gaps = [b.t - x.t for x, b in itertools.pairwise(calls)]
     assert min(gaps) >= stub.rate_limit_reset_s * 0.9, gaps
-    retries = [e for e in json_events(log_of(cx, a)) if e.get("type") == "error"
+    retries = [e for e in json_events(log_of(a)) if e.get("type") == "error"
                and str(e.get("message", "")).startswith("Reconnecting... ")]
     assert len(retries) == 5
 
@@ -267,7 +198,7 @@ def test_server_error_ends_as_provider_server_error(
 def test_unreachable_provider_times_out_as_unreachable_quoting_the_last_event(
         cx: AgentProject) -> None:
     """codex waits for the network forever; the timeout names the cause."""
-    set_provider(cx, f"http://127.0.0.1:{closed_port()}/v1")
+    set_codex_provider(cx, f"http://127.0.0.1:{closed_port()}/v1")
     one_task(cx, "{timeout_per_task: 20000}")
     assert cx.run("t.yaml").returncode == 1
     a = cx.task("a")
@@ -275,7 +206,7 @@ def test_unreachable_provider_times_out_as_unreachable_quoting_the_last_event(
     assert "timed out after 20s" in a["error"]
     assert "last event" in a["error"] and "waiting for network" in a["error"]
     assert a["error"].startswith("codex runner: provider unreachable")
-    assert "waiting for network" in log_of(cx, a)
+    assert "waiting for network" in log_of(a)
 
 
 # --- dropped streams and transport fallback: progress, not failure ---------------------
@@ -289,7 +220,7 @@ def test_stream_dropped_once_then_success(cx: AgentProject, stub: ResponsesStub)
     assert a["status"] == "succeeded" and a["attempts"] == 1
     assert cx.output("a.md") == stub.text + "\n"
     assert [c.step for c in stub.model_calls()] == ["drop", "ok"]
-    errors = [e for e in json_events(log_of(cx, a)) if e.get("type") == "error"]
+    errors = [e for e in json_events(log_of(a)) if e.get("type") == "error"]
     assert errors and errors[0]["message"].startswith("Reconnecting... 1/5 (stream disconnected")
 
 
@@ -297,7 +228,7 @@ def test_websocket_fallback_reconnect_errors_then_success(
         cx: AgentProject, stub: ResponsesStub) -> None:
     """issue 8: codex prints `{"type":"error","message":"Reconnecting... n/5 ..."}` while it
     falls back from WebSockets to HTTPS, then succeeds with exit 0."""
-    set_provider(cx, stub.base_url, supports_websockets=True)
+    set_codex_provider(cx, stub.base_url, supports_websockets=True)
     one_task(cx)
     assert cx.run("t.yaml").returncode == 0
     a = cx.task("a")
@@ -305,7 +236,7 @@ def test_websocket_fallback_reconnect_errors_then_success(
     assert cx.output("a.md") == stub.text + "\n"
     assert stub.upgrades(), "codex did not try a WebSocket first"
     assert len(stub.model_calls()) == 1
-    events = json_events(log_of(cx, a))
+    events = json_events(log_of(a))
     reconnects = [e["message"] for e in events if e.get("type") == "error"]
     assert reconnects and all(m.startswith("Reconnecting... ") for m in reconnects)
     assert any("ws://" in m for m in reconnects)
@@ -327,7 +258,7 @@ def test_hanging_server_times_out_with_the_event_stream_kept(
     assert a["error"].startswith("codex runner: timed out after 8s (last event")
     assert "turn started, waiting for the model" in a["error"]
     assert a["last_event"] == "turn started, waiting for the model"
-    kinds = [e.get("type") for e in json_events(log_of(cx, a))]
+    kinds = [e.get("type") for e in json_events(log_of(a))]
     assert kinds[:1] == ["thread.started"] and "turn.started" in kinds
     assert len(stub.model_calls()) == 1
 
@@ -340,7 +271,7 @@ def test_hanging_server_with_idle_timeout_is_stalled(
     a = cx.task("a")
     assert a["status"] == "stalled"
     assert "no output for 4s" in a["error"] and "turn started" in a["error"]
-    assert "turn.started" in log_of(cx, a)
+    assert "turn.started" in log_of(a)
 
 
 # --- tools: codex's sandbox is the limit -----------------------------------------------
@@ -369,7 +300,7 @@ def test_shell_tool_is_blocked_by_the_read_only_sandbox_and_runs_with_workspace_
     a = cx.task("a")
     assert any(e.get("type") == "item.completed" and e["item"].get("type")
                == "command_execution" and e["item"].get("exit_code") == 0
-               for e in json_events(log_of(cx, a)))
+               for e in json_events(log_of(a)))
     assert cx.output("a.md") == stub.text + "\n"
 
 
@@ -378,7 +309,7 @@ def test_shell_tool_is_blocked_by_the_read_only_sandbox_and_runs_with_workspace_
 
 def test_multi_line_config_error_is_kept_whole_and_not_retried(
         cx: AgentProject, stub: ResponsesStub) -> None:
-    set_provider(cx, stub.base_url)
+    set_codex_provider(cx, stub.base_url)
     config = Path(cx.env["CODEX_HOME"]) / "config.toml"
     config.write_text(config.read_text().replace('wire_api = "responses"', 'wire_api = "chat"'))
     one_task(cx, "{retry_backoff: 0}", retries=1)

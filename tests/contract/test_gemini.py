@@ -11,19 +11,29 @@ retry notices, how long gemini retries, and how the dispatcher names the outcome
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from contract.conftest import client
+from contract.clients import GEMINI_KEY as KEY
+from contract.clients import GEMINI_MODEL as MODEL
+from contract.clients import configure_gemini, write_gemini_settings
+from contract.common import (
+    BODY,
+    PROMPT,
+    client,
+    closed_port,
+    json_events,
+    log_of,
+    one_task,
+    run_two_chained_tasks,
+    run_two_tasks_with_a_bad_key,
+)
 from preset_support import AgentProject
 from stubs.gemini import (
     ANSWER,
@@ -35,11 +45,6 @@ from stubs.gemini import (
     GeminiStub,
 )
 
-BODY = 'You are a careful reviewer.\nQuote "this", a back\\slash, tab\there, ünï, 🚀.'
-PROMPT = "Review the login flow"
-MODEL = "gemini-2.5-flash"
-KEY = "AIza-stub-good-key"
-
 
 @pytest.fixture
 def stub(tmp_path: Path) -> Iterator[GeminiStub]:
@@ -47,65 +52,11 @@ def stub(tmp_path: Path) -> Iterator[GeminiStub]:
         yield server
 
 
-def write_settings(ap: AgentProject, **general: Any) -> Path:
-    """~/.gemini/settings.json: API-key auth (see the module docstring), no update checks
-    or usage statistics; `general` adds e.g. maxAttempts."""
-    settings: dict[str, Any] = {
-        "security": {"auth": {"selectedType": "gemini-api-key"}},
-        "general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False,
-                    **general},
-        "privacy": {"usageStatisticsEnabled": False},
-        "telemetry": {"enabled": False},
-    }
-    path = ap.home / ".gemini" / "settings.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2))
-    return path
-
-
 @pytest.fixture
-def gm(contract_project: AgentProject, stub: GeminiStub, tmp_path: Path) -> AgentProject:
+def gm(contract_project: AgentProject, stub: GeminiStub) -> AgentProject:
     """A project whose agents run on the real gemini, talking to `stub`."""
     client("gemini")
-    write_settings(contract_project)
-    # contract_project gives each test a private TMPDIR: gemini writes an error report
-    # to os.tmpdir() for every API error it gives up on.
-    contract_project.env.update(GOOGLE_GEMINI_BASE_URL=stub.origin, GEMINI_API_KEY=KEY)
-    contract_project.define("reviewer", BODY, model=MODEL)
-    contract_project.config('[defaults]\nrunner = "gemini"\n')
-    return contract_project
-
-
-def one_task(ap: AgentProject, settings: str = "", agent: str = "reviewer",
-             retries: int = 0) -> None:
-    """One task `a`; `settings` is a YAML flow mapping's inside, e.g. `timeout_per_task:
-    8000` (milliseconds)."""
-    lines = ["tasks:", "  - id: a", f"    agent: {agent}", f'    prompt: "{PROMPT}"',
-             "    output: a.md"]
-    if retries:
-        lines.append(f"    retries: {retries}")
-    if settings:
-        lines.append(f"settings: {{{settings}}}")
-    ap.tasks("\n".join(lines) + "\n")
-
-
-def log_of(task: dict[str, Any]) -> str:
-    return Path(task["log_path"]).read_text(encoding="utf-8", errors="replace")
-
-
-def json_events(log: str) -> list[dict[str, Any]]:
-    out = []
-    for line in log.splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return configure_gemini(contract_project, stub)
 
 
 def user_texts(body: dict[str, Any]) -> list[str]:
@@ -155,13 +106,7 @@ def test_tokens_and_turns_add_up_in_both_reports(gm: AgentProject, stub: GeminiS
     gm.config('[defaults]\nrunner = "gemini"\n\n[agents.reviewer]\n'
               'args = ["--approval-mode", "yolo"]\n')
     stub.behave("tool:Bash")
-    gm.tasks("""\
-        tasks:
-          - {id: a, agent: reviewer, prompt: "First", output: a.md}
-          - {id: b, agent: reviewer, prompt: "Second", output: b.md, dependencies: [a]}
-    """)
-    assert gm.run("t.yaml").returncode == 0
-    report = gm.report()
+    report = run_two_chained_tasks(gm)
     assert [t["turns"] for t in report["tasks"]] == [2, 2]
     assert [t["input_tokens"] for t in report["tasks"]] == [2 * PROMPT_TOKENS] * 2
     summary = report["summary"]
@@ -187,7 +132,7 @@ def test_without_the_trust_variable_gemini_exits_55_and_the_error_has_no_ansi(
     env = dict(gm.env)
     env.pop("NO_COLOR", None)
     gm.env = env
-    one_task(gm, "retry_backoff: 0", retries=1)
+    one_task(gm, "{retry_backoff: 0}", retries=1)
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "failed" and a["exit_code"] == 55
@@ -204,7 +149,7 @@ def test_broken_settings_file_is_a_configuration_error(
         gm: AgentProject, stub: GeminiStub) -> None:
     settings = gm.home / ".gemini" / "settings.json"
     settings.write_text(settings.read_text()[:-3])
-    one_task(gm, "retry_backoff: 0", retries=1)
+    one_task(gm, "{retry_backoff: 0}", retries=1)
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "failed" and a["exit_code"] == 52
@@ -259,29 +204,13 @@ def test_bad_key_ends_in_seconds_as_bad_credentials_and_stops_the_runner(
     """gemini does not retry a 400/401; it exits with the status modulo 256.  With the
     default 120 s timeout the task ends in seconds, naming the cause."""
     stub.behave(step)
-    gm.tasks("""\
-        tasks:
-          - {id: a, agent: reviewer, prompt: "First", output: a.md, retries: 2}
-          - {id: b, agent: reviewer, prompt: "Second", output: b.md}
-        settings: {max_parallel: 1}
-    """)
-    t0 = time.monotonic()
-    proc = gm.run("t.yaml", GEMINI_API_KEY="AIza-bad-key")
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == 1
-    assert elapsed < 60, elapsed
-    a = gm.task("a")
-    assert a["status"] == "provider_error" and a["cause"] == "auth"
+    a, _ = run_two_tasks_with_a_bad_key(gm, "gemini", a_fields=", retries: 2",
+                                        GEMINI_API_KEY="AIza-bad-key")
     assert a["exit_code"] == exit_code
     assert a["error"].startswith("gemini runner: bad credentials: ")
     assert needle in a["error"] and "set GEMINI_API_KEY" in a["error"]
-    assert a["attempts"] == 1
     assert len(stub.turns()) == 1
     assert stub.turns()[0].headers["x-goog-api-key"] == "AIza-bad-key"
-    b = gm.task("b")  # same runner, same key: not run
-    assert b["status"] == "provider_error" and b["cause"] == "auth"
-    assert "credentials were rejected in task 'a'" in b["error"]
-    assert any("Bad credentials for the gemini runner" in n for n in gm.report()["notes"])
 
 
 def test_missing_key_is_bad_credentials_before_any_request(
@@ -320,7 +249,7 @@ def test_rate_limit_honours_retry_info_then_ends_as_rate_limited(
     """A 429 with a RetryInfo: gemini waits max(its backoff, retryDelay) between attempts
     and prints each retry on stderr.  `general.maxAttempts: 2` keeps the test short
     (the default 10 attempts take about 4 minutes)."""
-    write_settings(gm, maxAttempts=2)
+    write_gemini_settings(gm, maxAttempts=2)
     stub.behave("429")
     one_task(gm)
     assert gm.run("t.yaml").returncode == 1
@@ -342,7 +271,7 @@ def test_rate_limit_seen_live_names_the_cause_when_the_task_times_out(
     """With gemini's default retries the task's timeout comes first: the last event (a
     retry, read from stderr as it happened) says why."""
     stub.behave("429")
-    one_task(gm, "timeout_per_task: 15000")
+    one_task(gm, "{timeout_per_task: 15000}")
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "rate_limit"
@@ -355,7 +284,7 @@ def test_rate_limit_seen_live_names_the_cause_when_the_task_times_out(
 def test_daily_quota_is_exhausted_quota_and_not_retried(
         gm: AgentProject, stub: GeminiStub) -> None:
     stub.behave("quota")
-    one_task(gm, "retry_backoff: 0", retries=2)
+    one_task(gm, "{retry_backoff: 0}", retries=2)
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "quota"
@@ -377,7 +306,7 @@ def test_overloaded_and_server_errors_end_as_provider_errors(
         exit_code: int) -> None:
     """`general.maxAttempts: 1`: gemini gives up after the first error and exits with the
     status modulo 256 (by default it retries 10 times over 3-4 minutes)."""
-    write_settings(gm, maxAttempts=1)
+    write_gemini_settings(gm, maxAttempts=1)
     stub.behave(step)
     one_task(gm)
     assert gm.run("t.yaml").returncode == 1
@@ -404,7 +333,7 @@ def test_server_error_retries_are_seen_live_and_recovery_succeeds(
 def test_server_error_seen_live_names_the_cause_when_the_task_times_out(
         gm: AgentProject, stub: GeminiStub) -> None:
     stub.behave("500")
-    one_task(gm, "timeout_per_task: 15000")
+    one_task(gm, "{timeout_per_task: 15000}")
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "server"
@@ -418,7 +347,7 @@ def test_unreachable_provider_times_out_as_unreachable_quoting_the_last_event(
         gm: AgentProject) -> None:
     """gemini retries `fetch failed` for about 3.5 minutes, then exits 1."""
     gm.env["GOOGLE_GEMINI_BASE_URL"] = f"http://127.0.0.1:{closed_port()}"
-    one_task(gm, "timeout_per_task: 15000")
+    one_task(gm, "{timeout_per_task: 15000}")
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "unreachable"
@@ -451,7 +380,7 @@ def test_stream_dropped_once_then_success(gm: AgentProject, stub: GeminiStub) ->
 def test_hanging_server_times_out_with_the_event_stream_kept(
         gm: AgentProject, stub: GeminiStub) -> None:
     stub.behave("hang")
-    one_task(gm, "timeout_per_task: 15000")
+    one_task(gm, "{timeout_per_task: 15000}")
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "timeout"
@@ -468,7 +397,7 @@ def test_hanging_server_with_idle_timeout_is_stalled(
         gm: AgentProject, stub: GeminiStub) -> None:
     """gemini prints nothing while its request hangs (its fetch gives up after ~60 s)."""
     stub.behave("hang")
-    one_task(gm, "idle_timeout: 10000")
+    one_task(gm, "{idle_timeout: 10000}")
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "stalled"

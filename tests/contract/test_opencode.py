@@ -13,17 +13,25 @@ case shows what a user of that version gets.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from contract.conftest import client
+from contract.clients import OPENCODE_MODEL as MODEL
+from contract.clients import configure_opencode, write_opencode_provider
+from contract.common import (
+    BODY,
+    PROMPT,
+    client,
+    closed_port,
+    json_events,
+    log_of,
+    one_task,
+    run_two_chained_tasks,
+    run_two_tasks_with_a_bad_key,
+)
+from contract.common import GOOD_KEY as KEY
 from preset_support import AgentProject
 from stubs.openai_chat import (
     CACHED_TOKENS,
@@ -33,11 +41,6 @@ from stubs.openai_chat import (
     OpenAIChatStub,
 )
 
-BODY = 'You are a careful reviewer.\nQuote "this", a back\\slash, tab\there, ünï, 🚀.'
-PROMPT = "Review the login flow"
-MODEL = "stub/stub-model"
-KEY = "sk-stub-good-key"
-
 
 @pytest.fixture
 def stub() -> Iterator[OpenAIChatStub]:
@@ -45,68 +48,11 @@ def stub() -> Iterator[OpenAIChatStub]:
         yield server
 
 
-def write_provider(ap: AgentProject, base_url: str) -> None:
-    """opencode.json with the stub as an OpenAI-compatible provider."""
-    config = {
-        "$schema": "https://opencode.ai/config.json",
-        "autoupdate": False,
-        "share": "disabled",
-        "provider": {"stub": {
-            "npm": "@ai-sdk/openai-compatible",
-            "name": "Chat Completions stub",
-            "options": {"baseURL": base_url, "apiKey": "{env:STUB_API_KEY}"},
-            "models": {"stub-model": {"name": "Stub model"}},
-        }},
-    }
-    path = Path(ap.env["XDG_CONFIG_HOME"]) / "opencode" / "opencode.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2))
-
-
 @pytest.fixture
 def oc(contract_project: AgentProject, stub: OpenAIChatStub) -> AgentProject:
     """A project whose agents run on the real opencode, talking to `stub`."""
     client("opencode")
-    write_provider(contract_project, stub.base_url)
-    contract_project.env.update(STUB_API_KEY=KEY, OPENCODE_DISABLE_MODELS_FETCH="1",
-                                OPENCODE_DISABLE_AUTOUPDATE="1")
-    stub.tool_command = "touch bash-ran.marker"  # relative: opencode's bash runs in the project
-    contract_project.define("reviewer", BODY)
-    contract_project.config(f'[defaults]\nrunner = "opencode"\n\n[runners.opencode]\n'
-                            f'model = "{MODEL}"\n')
-    return contract_project
-
-
-def one_task(ap: AgentProject, settings: str = "", agent: str = "reviewer",
-             retries: int | None = None, timeout_ms: int | None = None) -> None:
-    lines = ["tasks:", "  - id: a", f"    agent: {agent}", f'    prompt: "{PROMPT}"',
-             "    output: a.md"]
-    if retries is not None:
-        lines.append(f"    retries: {retries}")
-    if timeout_ms is not None:
-        lines.append(f"    timeout: {timeout_ms}")
-    if settings:
-        lines.append(f"settings: {settings}")
-    ap.tasks("\n".join(lines) + "\n")
-
-
-def log_of(task: dict[str, Any]) -> str:
-    return Path(task["log_path"]).read_text(encoding="utf-8", errors="replace")
-
-
-def json_events(log: str) -> list[dict[str, Any]]:
-    out = []
-    for line in log.splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return configure_opencode(contract_project, stub)
 
 
 def marker(ap: AgentProject) -> Path:
@@ -168,13 +114,7 @@ def test_tokens_and_turns_add_up_over_tasks_and_tool_steps_in_both_reports(
         oc: AgentProject, stub: OpenAIChatStub) -> None:
     oc.define("reviewer", BODY, tools="Read, Bash")
     stub.behave("tool:Bash")  # each task: a Bash call, then the answer: two steps
-    oc.tasks("""\
-        tasks:
-          - {id: a, agent: reviewer, prompt: "First", output: a.md}
-          - {id: b, agent: reviewer, prompt: "Second", output: b.md, dependencies: [a]}
-    """)
-    assert oc.run("t.yaml").returncode == 0
-    report = oc.report()
+    report = run_two_chained_tasks(oc)
     assert [t["turns"] for t in report["tasks"]] == [2, 2]
     summary = report["summary"]
     assert summary["input_tokens"] == 4 * PROMPT_TOKENS
@@ -229,26 +169,10 @@ def test_an_opencode_agent_keeps_its_own_tool_map(
 def test_bad_key_ends_in_seconds_as_bad_credentials_and_stops_the_runner(
         oc: AgentProject, stub: OpenAIChatStub) -> None:
     stub.behave("401")
-    oc.tasks("""\
-        tasks:
-          - {id: a, agent: reviewer, prompt: "First", output: a.md}
-          - {id: b, agent: reviewer, prompt: "Second", output: b.md}
-        settings: {max_parallel: 1}
-    """)
-    t0 = time.monotonic()
-    proc = oc.run("t.yaml", STUB_API_KEY="sk-bad-key")  # default 120 s timeout
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == 1
-    assert elapsed < 60, elapsed
-    a = oc.task("a")
-    assert a["status"] == "provider_error" and a["cause"] == "auth"
+    a, _ = run_two_tasks_with_a_bad_key(oc, "opencode", STUB_API_KEY="sk-bad-key")
     assert a["error"].startswith("opencode runner: bad credentials: HTTP 401: Incorrect API key")
     assert "opencode auth login" in a["error"]
-    assert a["attempts"] == 1
     assert len(stub.model_calls()) == 1  # opencode does not retry a 401
-    b = oc.task("b")
-    assert b["status"] == "provider_error" and b["cause"] == "auth"
-    assert "credentials were rejected in task 'a'" in b["error"]
 
 
 def test_429_waits_for_the_reset_time_then_succeeds(
@@ -348,7 +272,7 @@ def test_an_unreachable_server_is_named_by_the_live_retry_events(
         oc: AgentProject) -> None:
     """opencode retries a refused connection for ~70 s and prints nothing in
     `--format json`; its logs on stderr show each attempt, so a timeout says why."""
-    write_provider(oc, f"http://127.0.0.1:{closed_port()}/v1")
+    write_opencode_provider(oc, f"http://127.0.0.1:{closed_port()}/v1")
     one_task(oc, timeout_ms=40_000)
     oc.run("t.yaml")
     a = oc.task("a")
