@@ -16,7 +16,7 @@ import pytest
 
 from github_stub import BOT_LOGIN, MAX_BODY, GitHubStub
 from parallel_dispatch import github as gh
-from test_workflow_commands import parse_command, parse_output_file
+from test_workflow_commands import parse_command, parse_output_file, runner_acts_on
 
 REPO = "octo/widgets"
 PR = 7
@@ -123,6 +123,7 @@ def run_action(
     *args: str,
     token: str = "installation-token",
     event: str = "pull_request",
+    extra_env: dict[str, str] | None = None,
     **inputs: str,
 ) -> Run:
     """Run the command like the runner would: INPUT_* and GITHUB_* in the environment."""
@@ -152,6 +153,7 @@ def run_action(
         }
     )
     env.update({f"INPUT_{k.upper().replace('_', '-')}": v for k, v in inputs.items()})
+    env.update(extra_env or {})
     proc = subprocess.run(
         [sys.executable, "-m", "parallel_dispatch", "action", *args],
         cwd=workdir,
@@ -386,3 +388,140 @@ def test_example_workflow_files_validate() -> None:
     assert ("claude -p --output-format stream-json --verbose --no-session-persistence "
             "--tools=") in out.stdout
     assert "Critical path:" in out.stdout
+
+
+# --- issue 9: secrets, runner files and workflow commands ---------------------------
+
+TOKEN = "installation-token"
+
+SNOOPING = """\
+name: snooping
+description: agents that go looking for the token and the runner's files
+tasks:
+  - id: snoop
+    agent: shell
+    prompt: |
+      env
+      tr '\\0' '\\n' < /proc/$PPID/environ > "$DISPATCH_OUTPUT_DIR/parent-environ.txt"
+      echo "PWNED=1" >> "$GITHUB_ENV"
+      echo "status=pwned" >> "$GITHUB_OUTPUT"
+      echo "/tmp/pwned" >> "$GITHUB_PATH"
+      echo "# pwned" >> "$GITHUB_STEP_SUMMARY"
+      true
+    output: snoop.txt
+  - id: told
+    agent: courier
+    prompt: go
+    output: told.txt
+settings:
+  output_dir: out-snooping/
+"""
+
+COURIER = """\
+[agents.courier]
+command = ["/bin/sh", "-c", "echo \\"I was given $LEAKED\\"; echo \\"token: $LEAKED\\" >&2; exit 1"]
+prompt = "arg"
+env = { LEAKED = "${GITHUB_TOKEN}" }
+"""
+
+
+def test_no_token_or_runner_file_reaches_an_agent_and_nothing_posted_shows_it(
+    workdir: Path, stub: GitHubStub
+) -> None:
+    """Issue 9, item 1: the write token, the runner's command files and `INPUT_*` stay
+    out of agents; an agent the user explicitly gave the token cannot get it posted."""
+    (workdir / "snooping.yml").write_text(SNOOPING)
+    (workdir / ".aiwg" / "dispatch.toml").write_text(COURIER)
+    files = {name: workdir / name.lower() for name in ("GITHUB_ENV", "GITHUB_PATH", "GITHUB_STATE")}
+    for f in files.values():
+        f.write_text("")
+    extra = {
+        "GITHUB_TOKEN": TOKEN,  # a workflow-level `env: GITHUB_TOKEN: ${{ github.token }}`
+        "ACTIONS_RUNTIME_TOKEN": "runtime-token-secret",
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "oidc-request-secret",
+        **{k: str(v) for k, v in files.items()},
+    }
+    run = run_action(workdir, stub, token=TOKEN, task_file="snooping.yml", extra_env=extra)
+    assert run.code == 1, run.stdout + run.stderr  # `told` fails on purpose
+    out = workdir / "out-snooping"
+    seen = (out / "snoop.txt").read_text()
+    assert "GITHUB_REPOSITORY=octo/widgets" in seen  # the agent did dump its environment
+    # nor can it read them from its parent's (we run as root here: even that fails)
+    parent = (out / "parent-environ.txt").read_text()
+    assert parent == "" or "GITHUB_TOKEN=*****" in parent  # unreadable, or overwritten
+    for secret in (TOKEN, "runtime-token-secret", "oidc-request-secret"):
+        assert secret not in seen and secret not in parent
+    for name in ("INPUT_", "ACTIONS_", "GITHUB_TOKEN", "GITHUB_ENV", "GITHUB_OUTPUT",
+                 "GITHUB_PATH", "GITHUB_STEP_SUMMARY", "GITHUB_STATE"):
+        assert name not in seen, name
+    for path in (*files.values(), workdir / "github_output", workdir / "step_summary"):
+        assert path.name not in seen  # no path of a runner file, either
+    # … so its writes to them went nowhere
+    assert files["GITHUB_ENV"].read_text() == files["GITHUB_PATH"].read_text() == ""
+    assert "pwned" not in run.summary and "pwned" not in run.outputs.values()
+    # the courier printed the token it was given: nothing we post or print shows it
+    posted = [c.body for c in stub.comments(PR)]
+    assert posted and "***" in posted[0]
+    reports = [Path(run.outputs[k]).read_text() for k in ("report", "report-json")]
+    printed = run.stdout.replace(f"::add-mask::{TOKEN}", "") + run.stderr
+    for text in (*posted, run.summary, *reports, printed, *run.outputs.values()):
+        assert TOKEN not in text
+    [(_, message)] = [e for e in commands(run.stdout, "error") if "told" in e[0]["title"]]
+    assert "token: ***" in message
+
+
+FORGING = """\
+name: "forged\\n::error title=forged::from the name ##[warning]legacy in the name"
+description: hostile text wherever the Action prints
+tasks:
+  - id: liar
+    agent: liar
+    prompt: go
+    output: liar.txt
+settings:
+  output_dir: out-forging/
+"""
+
+LIAR = """\
+[agents.liar]
+runner = "claude"
+command = ["/bin/sh", "-c", \
+  "printf '::warning::forged\\\\n##[add-mask]failed\\\\n##[stop-commands]abc\\\\n' >&2; exit 1"]
+"""
+
+
+def test_task_file_and_agent_text_cannot_issue_workflow_commands(
+    workdir: Path, stub: GitHubStub
+) -> None:
+    """Issue 9, item 2: the runner acts on exactly the Action's own commands."""
+    (workdir / "forging.yml").write_text(FORGING)
+    (workdir / ".aiwg" / "dispatch.toml").write_text(LIAR)
+    run = run_action(workdir, stub, task_file="forging.yml")
+    assert run.code == 1, run.stdout + run.stderr
+    assert "##[stop-commands]abc" in run.stdout  # the agent's text is shown …
+    acted = runner_acts_on(run.stdout)
+    annotations = [(name, props, data) for name, props, data in acted
+                   if name in ("error", "warning", "notice", "add-mask")]
+    # … but only our mask request and our own annotation of the failed task are acted on
+    assert [a[0] for a in annotations] == ["add-mask", "error"], annotations
+    assert annotations[0][2] == TOKEN
+    assert annotations[1][1]["title"] == "Task liar failed (liar)"
+    assert "stop-commands" not in [a[0] for a in acted if a[2] == "abc"]
+    assert ("group" in [a[0] for a in acted]) and acted[-1][0] == "endgroup"
+
+
+def test_a_symlinked_task_file_leading_out_of_the_workspace_is_refused_unread(
+    workdir: Path, stub: GitHubStub, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Issue 9, item 3: nothing of the target reaches an annotation, summary or comment."""
+    outside = tmp_path_factory.mktemp("elsewhere") / "secret.txt"
+    outside.write_text("topsecret: value-from-outside\nroot: hash-of-root\n")
+    (workdir / "linked.yml").symlink_to(outside)
+    run = run_action(workdir, stub, task_file="linked.yml")
+    assert run.code == 2, run.stdout + run.stderr
+    assert run.outputs["status"] == "invalid"
+    [(_, message)] = commands(run.stdout, "error")
+    assert "symlink" in message and str(outside) in message
+    everything = run.stdout + run.stderr + run.summary + "".join(
+        c.body for c in stub.comments(PR))
+    assert "topsecret" not in everything and "hash-of-root" not in everything

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -77,10 +78,32 @@ def test_marker_is_normalised_and_cannot_close_the_html_comment() -> None:
 
 
 def test_mentions_are_defanged_but_emails_and_text_stay() -> None:
-    text = gh.neutralise("ping @alice and @org/team, mail bob@example.com, `@code`")
+    text = gh.neutralise("ping @alice and @org/team, mail bob@example.com")
     assert "@alice" not in text and "@org/team" not in text
     assert "@\u200dalice" in text and "@\u200dorg/team" in text
-    assert "bob@example.com" in text and "`@code`" in text
+    assert "bob@example.com" in text
+
+
+MENTION = re.compile(r"(?<![A-Za-z0-9_])@[A-Za-z0-9]")
+"""What GitHub turns into a mention once Markdown is rendered: `@` plus a name, not
+glued to a word before it (an email)."""
+
+
+@pytest.mark.parametrize("text", [
+    "an unmatched backtick `@team gets pinged",     # issue 9, item 4
+    "``@team``",                                     # inside code too: no parser guesswork
+    "`code` then `@team",
+    "x`@team",
+    "(@team) [@team] *@team* _@team_ ~@team",
+    "&#64;team &#x40;team &#X0040;team &commat;team",  # entities render as @
+    "@\u200bteam is not enough? @@team",
+])
+def test_no_text_leaves_a_live_mention(text: str) -> None:
+    import html
+
+    out = gh.neutralise(text)
+    rendered = html.unescape(out)
+    assert not MENTION.search(rendered), rendered
 
 
 def test_agent_text_cannot_forge_the_marker() -> None:

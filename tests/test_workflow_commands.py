@@ -48,6 +48,63 @@ def parse_command(line: str) -> tuple[str, dict[str, str], str]:
     return name, properties, runner_unescape_data(data)
 
 
+#: Commands the runner registers (ActionCommandManager and its extensions), matched
+#: case-insensitively; a `stop-commands` token is registered while it is in force.
+REGISTERED = ("error", "warning", "notice", "debug", "add-mask", "set-output", "save-state",
+              "group", "endgroup", "echo", "add-matcher", "remove-matcher", "stop-commands",
+              "set-env", "add-path")
+
+
+def _parse_line(line: str, registered: set[str]) -> tuple[str, dict[str, str], str] | None:
+    """`ActionCommand.TryParseV2` (`::name k=v::data` after leading whitespace), else the
+    legacy `TryParse` (`##[name k=v;k=v]data` *anywhere* in the line)."""
+    text = line.lstrip()
+    if text.startswith("::") and (end := text.find("::", 2)) >= 0:
+        info, data = text[2:end], text[end + 2:]
+        name, _, props = info.partition(" ")
+        if name and name.lower() in registered:
+            properties = {}
+            for pair in filter(None, props.strip().split(",")):
+                key, sep, value = pair.partition("=")
+                if sep and key and value:
+                    properties[key] = runner_unescape_property(value)
+            return name.lower(), properties, runner_unescape_data(data)
+    start = line.find("##[")
+    if start >= 0 and (close := line.find("]", start)) >= 0:
+        name = line[start + 3:close].partition(" ")[0]
+        if name and name.lower() in registered:
+            return name.lower(), {}, line[close + 1:]
+    return None
+
+
+def runner_acts_on(stdout: str) -> list[tuple[str, dict[str, str], str]]:
+    """The commands the runner would carry out for this output, in order.
+
+    Transcribed from actions/runner `ActionCommandManager.TryProcessCommand`: lines
+    are split like .NET's `ReadLine` (\n, \r, \r\n); while commands are stopped only
+    the resume token (as `::tok::` or `##[tok]`) is acted on.
+    """
+    registered = set(REGISTERED)
+    stop: str | None = None
+    acted = []
+    for line in re.split(r"\r\n|\r|\n", stdout):
+        parsed = _parse_line(line, registered)
+        if parsed is None:
+            continue
+        name = parsed[0]
+        if stop is not None:
+            if stop and name == stop:
+                registered.discard(stop)
+                stop = None
+                acted.append(parsed)
+            continue
+        if name == "stop-commands":
+            stop = parsed[2].lower()
+            registered.add(stop)
+        acted.append(parsed)
+    return acted
+
+
 def parse_output_file(text: str) -> dict[str, str]:
     """Parse GITHUB_OUTPUT like the runner: `name=value` or `name<<DELIM` … `DELIM`."""
     lines = text.split("\n")
@@ -179,3 +236,78 @@ def test_fit_bytes_cuts_on_a_line_boundary() -> None:
     assert wc.fit_bytes(text, 100, note="!") == text
     assert wc.fit_bytes(text, 11, note="!") == "aaaa\nbbbb!"
     assert wc.fit_bytes("é" * 10, 5, note="") == "éé"
+
+
+# --- untrusted text on stdout (issue 9, item 2) -----------------------------------
+
+HOSTILE = [
+    "::error::forged",
+    "   ::warning title=t::indented",
+    "\u2003::notice::after an em space",
+    "text then ##[error]legacy, anywhere in the line",
+    "##[stop-commands]tok",
+    "::stop-commands::tok",
+    "ok\r::add-mask::failed",
+    "ok\n##[add-mask]failed",
+    "ok\r\n::set-output name=status::pwned",
+    "#\u200b#[error] looks like one but is not",
+]
+
+
+def test_the_emulated_runner_sees_what_the_real_one_sees() -> None:
+    assert runner_acts_on("::error title=a%2Cb::x%0Ay") == [("error", {"title": "a,b"}, "x\ny")]
+    assert runner_acts_on("  ::Warning::w") == [("warning", {}, "w")]
+    assert runner_acts_on("say ##[warning]hi") == [("warning", {}, "hi")]
+    assert runner_acts_on("::nonsense::x\n##[nonsense]y") == []
+    stopped = "::stop-commands::t1\n::error::no\n##[t1]\n::error::yes"
+    assert [c[0] for c in runner_acts_on(stopped)] == ["stop-commands", "t1", "error"]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_inert_text_is_one_line_the_runner_ignores(text: str) -> None:
+    safe = wc.inert(text)
+    assert "\n" not in safe and "\r" not in safe
+    assert runner_acts_on(safe) == []
+    out = io.StringIO()
+    wc.echo(text, out=out)
+    assert runner_acts_on(out.getvalue()) == []
+    assert out.getvalue() == safe + "\n"
+
+
+def test_inert_keeps_ordinary_text_readable() -> None:
+    assert wc.inert("50% done: a, b") == "50% done: a, b"
+    assert wc.inert("two\nlines") == "two ⏎ lines"
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_inert_stream_neutralises_every_line_written_to_it(text: str) -> None:
+    raw = io.StringIO()
+    stream = wc.InertLines(raw)
+    stream.write(f"[   0.1s] {text}\n")
+    stream.write(text + "\n")
+    stream.flush()
+    assert runner_acts_on(raw.getvalue()) == []
+    assert raw.getvalue().endswith("\n") and "\r" not in raw.getvalue()
+
+
+def test_inert_stream_passes_whole_lines_only_and_redacts() -> None:
+    raw = io.StringIO()
+    stream = wc.InertLines(raw, secrets=["s3cr3t-value"])
+    stream.write("say #")
+    stream.write("#[error]split across writes, s3cr3t-")
+    assert raw.getvalue() == ""
+    stream.write("value\nnext")
+    assert raw.getvalue() == "say #\u200b#[error]split across writes, ***\n"
+    stream.close()
+    assert raw.getvalue().endswith("next\n")
+    assert runner_acts_on(raw.getvalue()) == []
+
+
+def test_commands_stopped_cannot_be_resumed_by_the_text_inside() -> None:
+    out = io.StringIO()
+    with wc.commands_stopped(out=out):
+        out.write("::pd-guess::\n##[stop-commands]other\n::error::forged\n")
+    wc.error("ours", out=out)
+    acted = runner_acts_on(out.getvalue())
+    assert [c[0] for c in acted if c[0] in ("error", "warning")] == ["error"]
+    assert acted[-1] == ("error", {}, "ours")

@@ -3,22 +3,32 @@
 Inputs come from flags or the runner's `INPUT_*` variables (flags win); the
 GitHub context from `GITHUB_*`. After the run it writes the step summary,
 the step outputs, `::error` annotations for failed tasks, each task's log in
-a folded group, and the sticky PR comment. The token is never printed.
+a folded group, and the sticky PR comment.
+
+Agents never see the token (`agent_env.py`), and this process hides its own
+environment from them. Everything agents or task files wrote is untrusted here:
+progress lines are made inert and run with workflow commands stopped, logs are
+printed between `::stop-commands::` markers, and known secret values are replaced
+by `***` in all we print, post or leave in the reports (the runner's `::add-mask::`
+covers only its log, not a comment posted through the API).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from . import github as gh
 from . import workflow_commands as wc
+from .agent_env import hide_own_environment, redact, secret_values
 from .errors import DispatchError, TaskFileError
 from .result import PROBLEMS, VERBS
 
@@ -192,7 +202,7 @@ def _read_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
     return text
 
 
-def _print_logs(report: Mapping[str, Any]) -> None:
+def _print_logs(report: Mapping[str, Any], secrets: Sequence[str]) -> None:
     """Each task's log in a folded group; agent text cannot issue workflow commands."""
     for task in report.get("tasks", []):
         log = task.get("log_path")
@@ -200,7 +210,7 @@ def _print_logs(report: Mapping[str, Any]) -> None:
             if not log or not Path(log).is_file():
                 print("(no log)")
                 continue
-            text = _read_tail(Path(log))
+            text = redact(_read_tail(Path(log)), secrets)
             with wc.commands_stopped():
                 sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
                 sys.stdout.flush()
@@ -222,7 +232,7 @@ def _comment(inputs: Inputs, ctx: GitHubContext, report_md: str) -> str:
         return ""
     pr = gh.pr_number_from_event(ctx.event_name, ctx.event)
     if pr is None:
-        print(
+        wc.echo(
             f"parallel-dispatch: event {ctx.event_name or '(none)'} is not a pull request; "
             "no comment, the report is in the step summary"
         )
@@ -243,14 +253,17 @@ def _comment(inputs: Inputs, ctx: GitHubContext, report_md: str) -> str:
     if result.warning:
         wc.warning(result.warning, title="PR comment skipped")
         return ""
-    print(f"parallel-dispatch: PR comment {result.action}: {result.url}")
+    wc.echo(f"parallel-dispatch: PR comment {result.action}: {result.url}")
     return result.url or ""
 
 
 def _invalid_markdown(task_file: str, exc: TaskFileError) -> str:
     lines = "\n".join(d.format() for d in exc.diagnostics)
+    # a fence longer than any backtick run in the messages, which quote the file
+    fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", lines)), default=0))
     return (
-        f"## parallel-dispatch: `{task_file}` is invalid\n\nNothing ran.\n\n```text\n{lines}\n```\n"
+        f"## parallel-dispatch: `{task_file}` is invalid\n\nNothing ran.\n\n"
+        f"{fence}text\n{lines}\n{fence}\n"
     )
 
 
@@ -298,21 +311,71 @@ def _finish(inputs: Inputs, ctx: GitHubContext, markdown: str, outputs: dict[str
     return ok
 
 
-def _dispatch(inputs: Inputs) -> Any:
-    """Run the core; SIGTERM (a cancelled workflow) still leaves a partial report."""
+def _dispatch(inputs: Inputs, secrets: Sequence[str]) -> Any:
+    """Run the core; SIGTERM (a cancelled workflow) still leaves a partial report.
+
+    Progress lines quote the task file and agents, so each is made inert, and the
+    whole run is fenced with `::stop-commands::` (which also covers anything else
+    printed meanwhile, on stdout or stderr).
+    """
     from .api import dispatch  # the core; imported late so `--help` stays light
     from .progress import PlainProgress
 
-    return dispatch(
-        inputs.task_file,
-        max_parallel=inputs.max_parallel,
-        timeout_ms=inputs.timeout_ms,
-        output_dir=inputs.output_dir,
-        on_failure=inputs.on_failure,
-        config_path=inputs.config,
-        progress=PlainProgress(sys.stdout),  # stdout: keeps lines in order with the groups
-        handle_signals=True,
-    )
+    stream = wc.InertLines(sys.stdout, secrets)  # stdout: keeps lines in order with groups
+    with wc.commands_stopped():
+        try:
+            return dispatch(
+                inputs.task_file,
+                max_parallel=inputs.max_parallel,
+                timeout_ms=inputs.timeout_ms,
+                output_dir=inputs.output_dir,
+                on_failure=inputs.on_failure,
+                config_path=inputs.config,
+                progress=PlainProgress(cast(TextIO, stream)),
+                handle_signals=True,
+            )
+        finally:
+            stream.close()
+
+
+def _redact_data(value: Any, secrets: Sequence[str]) -> Any:
+    """The report with every string redacted (error texts and log tails quote agents)."""
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, list):
+        return [_redact_data(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_data(v, secrets) for k, v in value.items()}
+    return value
+
+
+def _scrub_reports(paths: Sequence[Path], secrets: Sequence[str]) -> None:
+    """Redact the report files in place: workflows upload them as artifacts."""
+    from .atomic import write_text
+
+    forms = [*secrets, *(json.dumps(s)[1:-1] for s in secrets)]  # as JSON would escape it
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        clean = redact(text, forms)
+        if clean != text:
+            write_text(path, clean)
+
+
+def _redact_error(exc: TaskFileError, secrets: Sequence[str]) -> TaskFileError:
+    return TaskFileError([dataclasses.replace(d, message=redact(d.message, secrets))
+                          for d in exc.diagnostics])
+
+
+def _check_task_file(task_file: str) -> None:
+    """A task file reached through a symlink must stay in the workspace (a PR can add
+    such a symlink); it is refused unread, before anything else looks at it."""
+    from .loader import check_confined
+
+    workspace = Path(os.environ.get("GITHUB_WORKSPACE") or os.getcwd())
+    check_confined(Path(task_file), [workspace])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,24 +386,28 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         wc.error(str(exc), title="parallel-dispatch: bad input")
         return EXIT_USAGE
-    if inputs.github_token:
-        wc.add_mask(inputs.github_token)
+    secrets = secret_values(env, [inputs.github_token])
+    for value in secrets:
+        wc.add_mask(value)
+    hide_own_environment(secrets)  # nor can agents read them from /proc/<ppid>/environ
     ctx = GitHubContext.from_env(env)
 
     try:
-        result = _dispatch(inputs)
+        _check_task_file(inputs.task_file)
+        result = _dispatch(inputs, secrets)
     except TaskFileError as exc:
-        _report_invalid(inputs, ctx, exc)
+        _report_invalid(inputs, ctx, _redact_error(exc, secrets))
         return EXIT_USAGE
     except DispatchError as exc:
-        wc.error(str(exc), title="parallel-dispatch")
+        wc.error(redact(str(exc), secrets), title="parallel-dispatch")
         return EXIT_USAGE
 
-    report: Mapping[str, Any] = result.report
+    _scrub_reports([Path(result.report_md_path), Path(result.report_json_path)], secrets)
+    report: Mapping[str, Any] = _redact_data(result.report, secrets)
     report_md = Path(result.report_md_path).read_text(encoding="utf-8")
     _write_summary(report_md, str(result.report_md_path))
     _annotate(report)
-    _print_logs(report)
+    _print_logs(report, secrets)
     status = str(report.get("status", "failed"))
     outputs = {
         "status": status,

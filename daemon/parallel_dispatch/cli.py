@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import trio
 
-from . import __version__
+from . import __version__, agent_env
 from .api import overrides_from, run_spec
 from .config import find_project_dir
 from .errors import DispatchError, TaskFileError
@@ -231,6 +231,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if args.command == "schema":
             print(json.dumps(task_file_schema(), indent=2))
             return EXIT_OK
+        if args.command in ("watch", "run"):
+            # Agents are our children: keep them from reading withheld secrets out of
+            # /proc/<our pid>/environ (the Action does the same).
+            agent_env.hide_own_environment(agent_env.secret_values(os.environ))
         if args.command == "watch":
             from .daemon import run_daemon
 

@@ -30,7 +30,8 @@ CommentMode = Literal["sticky", "new", "off"]
 COMMENT_MODES: tuple[str, ...] = ("sticky", "new", "off")
 
 _PR_EVENTS = ("pull_request", "pull_request_target")
-_MENTION = re.compile(r"(?<![A-Za-z0-9_`])@(?=[A-Za-z0-9])")
+_MENTION = re.compile(r"(?<![A-Za-z0-9])@(?=[A-Za-z0-9])")
+_AT_ENTITY = re.compile(r"&(?:#0*64|#[xX]0*40|commat);")
 _FORGED_MARKER = re.compile(r"<!--(\s*)parallel-dispatch", re.IGNORECASE)
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _HEADING = re.compile(r"^ {0,3}#{1,6}(\s|$)")
@@ -81,8 +82,12 @@ def neutralise(text: str) -> str:
     """Defang agent text: `@name` no longer pings and no marker can be forged.
 
     A zero-width joiner after `@` breaks GitHub's mention syntax while the
-    text still reads the same.
+    text still reads the same. Every `@` before a name is defanged, inside code
+    too: guessing where GitHub's Markdown sees a code span is how an unmatched
+    backtick got a mention through, and a joiner inside code costs nothing.
+    HTML entities for `@` (`&#64;`, `&commat;`) render as one, so they become one.
     """
+    text = _AT_ENTITY.sub("@", text)
     text = _MENTION.sub("@" + _ZWJ, text)
     return _FORGED_MARKER.sub(lambda m: f"<!--{m.group(1)}parallel{_ZWJ}-dispatch", text)
 

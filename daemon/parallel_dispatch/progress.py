@@ -185,8 +185,10 @@ class LiveProgress(PlainProgress):
 
 def one_line(text: str) -> str:
     """A progress line is one line: agent text (errors, events) may hold newlines, and
-    in a GitHub Actions log a line of its own starting with `::` is a workflow command."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ⏎ ")
+    in a GitHub Actions log a line of its own starting with `::` is a workflow command
+    (and `##[name]` is one anywhere in a line)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ⏎ ")
+    return text.replace("##[", "#\u200b#[")  # the runner's legacy `##[command]` form
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -1,10 +1,13 @@
 """GitHub Actions runner plumbing: workflow commands on stdout and the file commands.
 
-The runner parses every stdout line that starts with `::` as a command, so
-anything untrusted must be escaped (messages) or fenced off with
-`::stop-commands::` (logs). Escaping follows the runner's own parser
-(`ActionCommand.cs`): data unescapes `%0D %0A %25`; properties additionally
-`%3A %2C`. `%` is escaped first so the others are not double-escaped.
+The runner acts on a line that starts with `::` after leading whitespace
+(`TryParseV2`), and on the legacy `##[name]data` *anywhere* in a line
+(`TryParse`); it splits lines at `\n`, `\r` and `\r\n`, on stdout and stderr alike.
+So anything untrusted is escaped (messages), fenced off with
+`::stop-commands::` (logs) or made `inert` (single lines such as progress).
+Escaping follows the runner's own parser (`ActionCommand.cs`): data unescapes
+`%0D %0A %25`; properties additionally `%3A %2C`. `%` is escaped first so the
+others are not double-escaped.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -43,6 +46,70 @@ def format_command(name: str, message: str = "", **properties: str | int | None)
     )
     head = f"{name} {props}" if props else name
     return f"::{head}::{escape_data(message)}"
+
+
+_ZWSP = "\u200b"
+"""Breaks a command marker without changing how the text reads; .NET's `TrimStart`
+does not count it as whitespace."""
+
+
+def inert(text: str) -> str:
+    """`text` as one log line the runner will not act on.
+
+    Line breaks become ` ⏎ ` (as in progress lines), every legacy `##[` is broken
+    up, and a line that would start with `::` is preceded by a zero-width space.
+    """
+    line = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ⏎ ")
+    line = line.replace("##[", f"#{_ZWSP}#[")
+    return _ZWSP + line if line.lstrip().startswith("::") else line
+
+
+def echo(text: str, *, out: TextIO | None = None) -> None:
+    """Print a plain line that may hold untrusted text (names, paths, messages)."""
+    _emit(inert(text), out)
+
+
+class InertLines:
+    """A write-only text stream that makes every line written to it `inert` and
+    replaces `secrets` with `***`: for progress output, whose lines quote agents
+    and task files.
+
+    Only whole lines are passed on (the rest waits for its newline or `close`), so
+    a marker split across two writes cannot reassemble on the runner's side.
+    """
+
+    def __init__(self, stream: TextIO, secrets: Iterable[str] = ()) -> None:
+        self.stream = stream
+        self.secrets = [s for s in secrets if s]
+        self._pending = ""
+
+    def _clean(self, line: str) -> str:
+        for secret in self.secrets:
+            line = line.replace(secret, "***")
+        return inert(line)
+
+    def write(self, text: str) -> int:
+        data = self._pending + text
+        *lines, self._pending = data.split("\n")
+        if lines:
+            self.stream.write("".join(self._clean(line) + "\n" for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Pass on an unfinished last line (with a newline)."""
+        if self._pending:
+            self.stream.write(self._clean(self._pending) + "\n")
+            self._pending = ""
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise OSError("InertLines has no file descriptor")
 
 
 def _emit(line: str, out: TextIO | None) -> None:
