@@ -1,4 +1,5 @@
-"""The shipped systemd units: ``systemd-analyze verify`` clean and security exposure ≤ 2.5.
+"""The shipped systemd units: ``systemd-analyze verify`` clean and security exposure ≤ 2.5;
+with the agent-sandboxes.conf drop-in, verify clean and exposure ≤ 2.6.
 
 ``verify`` exits 0 on a misspelt directive and only prints a warning, so any output at
 all fails the test. It also insists that ExecStart's binary exists; when the documented
@@ -6,7 +7,7 @@ all fails the test. It also insists that ExecStart's binary exists; when the doc
 with a drop-in that points ExecStart at the installed entry point, which is exactly how
 docs/systemd.md tells users to run from a virtualenv. No running systemd is needed:
 Debian's ``systemd`` package provides systemd-analyze (and ``procps`` the ``kill`` that
-ExecReload= names).
+ExecReload= names). tests/test_agent_sandboxes.py runs the units for real.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ PLAIN = "parallel-dispatch.service"
 INSTANCE = "parallel-dispatch@srv-proj.service"  # systemd-escape --path /srv/proj
 SHIPPED_BINARY = "/usr/local/bin/parallel-dispatch"
 MAX_EXPOSURE = 2.5
+AGENT_SANDBOXES = "agent-sandboxes.conf"
+MAX_EXPOSURE_AGENT_SANDBOXES = 2.6
+"""What the drop-in measures (2.3 template, 2.6 plain unit): user, mount, pid, network
+and IPC namespaces, @mount and capset, AF_NETLINK. Anything more fails."""
 TIMEOUT_S = 120
 
 ANALYZE = shutil.which("systemd-analyze")
@@ -85,21 +90,27 @@ def _entry_point() -> str:
     return sys.executable
 
 
-def _stage(tmp_path: Path, unit_file: str, text: str | None = None) -> Path:
-    """Copy a unit (and the template's instance name) into a fresh unit directory."""
+def _stage(
+    tmp_path: Path, unit_file: str, text: str | None = None, *dropins: str
+) -> Path:
+    """Copy a unit (and the template's instance name) into a fresh unit directory, with
+    the shipped drop-ins named in `dropins` installed beside it."""
     unit_dir = tmp_path / "units"
     unit_dir.mkdir(exist_ok=True)
     target = unit_dir / unit_file
     target.write_text(text if text is not None else (UNIT_DIR / unit_file).read_text())
     if unit_file == TEMPLATE:
         (unit_dir / INSTANCE).symlink_to(TEMPLATE)
+    dropin_dir = unit_dir / f"{unit_file}.d"
+    for name in dropins:
+        dropin_dir.mkdir(exist_ok=True)
+        shutil.copyfile(UNIT_DIR / name, dropin_dir / name)
     if not os.access(SHIPPED_BINARY, os.X_OK):
         exec_start = _settings(unit_file)["ExecStart"][0]
         assert exec_start.startswith(SHIPPED_BINARY + " ")
         args = exec_start.removeprefix(SHIPPED_BINARY)
-        dropin = unit_dir / f"{unit_file}.d"
-        dropin.mkdir()
-        (dropin / "venv.conf").write_text(
+        dropin_dir.mkdir(exist_ok=True)
+        (dropin_dir / "venv.conf").write_text(
             f"[Service]\nExecStart=\nExecStart={_entry_point()}{args}\n"
         )
     return unit_dir
@@ -181,15 +192,69 @@ def test_verify_check_catches_a_misspelt_directive(tmp_path: Path) -> None:
     assert "ProtectSytem" in result.stdout + result.stderr
 
 
-@needs_analyze
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_security_exposure(tmp_path: Path, case: Case) -> None:
-    unit_dir = _stage(tmp_path, case.unit_file)
+def _exposure(tmp_path: Path, case: Case, *dropins: str) -> tuple[float, str]:
+    unit_dir = _stage(tmp_path, case.unit_file, None, *dropins)
     result = _analyze(tmp_path, case, "security", "--offline=true", str(unit_dir / case.load_as))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", output)
     assert match, f"no exposure level in:\n{output}"
-    exposure = float(match.group(1))
-    print(f"{case.id}: exposure {exposure}")
+    print(f"{case.id} {' '.join(dropins)}: exposure {match.group(1)}")
+    return float(match.group(1)), output
+
+
+@needs_analyze
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_security_exposure(tmp_path: Path, case: Case) -> None:
+    exposure, output = _exposure(tmp_path, case)
     assert exposure <= MAX_EXPOSURE, output
+
+
+# --- the agent-sandboxes.conf drop-in ------------------------------------------------------
+
+
+def _dropin_settings() -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    section = ""
+    for raw in (UNIT_DIR / AGENT_SANDBOXES).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line
+            continue
+        assert section == "[Service]", line
+        key, _, value = line.partition("=")
+        values.setdefault(key, []).append(value)
+    return values
+
+
+def test_agent_sandboxes_dropin_allows_exactly_what_bubblewrap_needs() -> None:
+    """Each entry is needed (tests/test_agent_sandboxes.py takes each out in turn); this
+    keeps anything else from creeping in."""
+    assert _dropin_settings() == {
+        "RestrictNamespaces": ["user mnt pid net ipc"],
+        "SystemCallFilter": ["capset mount umount2 pivot_root seccomp"],
+        "RestrictAddressFamilies": ["AF_NETLINK"],
+    }
+
+
+@needs_analyze
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_verify_is_silent_with_agent_sandboxes(tmp_path: Path, case: Case) -> None:
+    unit_dir = _stage(tmp_path, case.unit_file, None, AGENT_SANDBOXES)
+    result = _analyze(tmp_path, case, "verify", str(unit_dir / case.load_as))
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0, output
+    assert output == "", f"systemd-analyze verify printed:\n{output}"
+
+
+@needs_analyze
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_security_exposure_with_agent_sandboxes(tmp_path: Path, case: Case) -> None:
+    exposure, output = _exposure(tmp_path, case, AGENT_SANDBOXES)
+    assert exposure <= MAX_EXPOSURE_AGENT_SANDBOXES, output
+    # systemd-analyze counts what the drop-in allows: it did take effect.
+    for check in ("RestrictNamespaces=~user", "SystemCallFilter=~@mount",
+                  "RestrictAddressFamilies=~AF_NETLINK"):
+        assert re.search(rf"✗ {re.escape(check)}\s", output), check
