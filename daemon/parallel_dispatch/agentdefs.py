@@ -108,6 +108,10 @@ class NotAnAgentFile(AgentDefinitionError):
         super().__init__(path, line, message)
 
 
+class UnreadableFolder(AgentDefinitionError):
+    """An agent folder that exists but cannot be listed (permissions): its agents are unknown."""
+
+
 @dataclass(frozen=True)
 class SkippedFile:
     """A Markdown file in an agent folder that is not an agent (see `NotAnAgentFile`)."""
@@ -181,9 +185,15 @@ class Discovery:
         if hint:
             parts[0] += f"; did you mean '{hint}'?"
         parts.append("known agents: " + (", ".join(known) if known else "(none)"))
-        if self.errors:
-            bad = ", ".join(str(e.path) for e in self.errors)
+        folders = [e for e in self.errors if isinstance(e, UnreadableFolder)]
+        files = [e for e in self.errors if not isinstance(e, UnreadableFolder)]
+        if files:
+            bad = ", ".join(str(e.path) for e in files)
             parts.append(f"unreadable agent definitions: {bad}")
+        if folders:
+            bad = ", ".join(str(e.path) for e in folders)
+            parts.append(f"agent folders that cannot be read (it may be in one; make them "
+                         f"readable with chmod u+rx, or remove them): {bad}")
         target = fold(name)
         for s in self.skipped:
             if fold(s.path.stem) == target:
@@ -199,7 +209,7 @@ def search_dirs(project: Path, home: Path | None = None) -> list[Path]:
     seen: set[Path] = set()
     result: list[Path] = []
     for directory in candidates:
-        key = directory.resolve() if directory.exists() else directory.absolute()
+        key = directory.resolve() if _exists(directory) else directory.absolute()
         if key not in seen:
             seen.add(key)
             result.append(directory)
@@ -213,14 +223,43 @@ def _default_home() -> Path:
     return Path(env) if env else Path.home()
 
 
+def _exists(path: Path) -> bool:
+    """`Path.exists`, but a folder we may not look into (EACCES) counts as there."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    """A file (or a symlink to one); an entry we may not stat is one too, so that
+    `parse_file` reports it by name instead of it vanishing."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return True
+
+
 def _definition_files(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    files = [
-        p
-        for p in directory.iterdir()
-        if p.suffix.lower() == ".md" and p.is_file() and not p.name.lower().startswith("readme")
-    ]
+    """The candidate files of one folder; raises AgentDefinitionError if it cannot be listed."""
+    try:
+        if not directory.is_dir():
+            return []
+        with os.scandir(directory) as entries:
+            files = [
+                Path(e.path) for e in entries
+                if e.name.lower().endswith(".md") and not e.name.lower().startswith("readme")
+                and _is_file(e)
+            ]
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise UnreadableFolder(
+            directory, None,
+            f"cannot list this agent folder ({why}); make it readable by the user running "
+            "parallel-dispatch (chmod u+rx), or remove it") from None
     return sorted(files, key=lambda p: p.name)
 
 
@@ -233,7 +272,12 @@ def scan(project: Path, home: Path | None = None) -> Discovery:
     shadowed: list[AgentDefinition] = []
     skipped: list[SkippedFile] = []
     for directory in dirs:
-        for path in _definition_files(directory):
+        try:
+            paths = _definition_files(directory)
+        except AgentDefinitionError as exc:
+            errors.append(exc)
+            continue
+        for path in paths:
             try:
                 definition = parse_file(path)
             except NotAnAgentFile as exc:

@@ -7,7 +7,9 @@ the project root so the same task file behaves the same from any directory.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -159,14 +161,35 @@ def find_project_root(task_file: Path, cwd: Path | None = None) -> Path:
     chain = (start, *start.parents)
     home = _home()
     for candidate in chain:
-        if (candidate / ".aiwg").is_dir() and (
-                candidate != home or (candidate / ".aiwg" / CONFIG_NAME).is_file()):
+        if _is_dir(candidate / ".aiwg") and (
+                candidate != home or _exists(candidate / ".aiwg" / CONFIG_NAME)):
             return candidate
     for candidate in chain:
-        if candidate != home and ((candidate / ".git").exists()
-                                  or (candidate / ".claude").is_dir()):
+        if candidate != home and (_exists(candidate / ".git")
+                                  or _is_dir(candidate / ".claude")):
             return candidate
     return (cwd or Path.cwd()).resolve()
+
+
+def _exists(path: Path) -> bool:
+    """`Path.exists`, except that a path we may not look at (EACCES) counts as there:
+    the project is found, and reading its config then says what is wrong."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(path.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
 
 
 def find_project_dir(start: Path) -> Path:
@@ -176,8 +199,6 @@ def find_project_dir(start: Path) -> Path:
 
 
 def _home() -> Path | None:
-    import os
-
     home = os.environ.get("HOME")
     try:
         return Path(home).resolve() if home else Path.home().resolve()
@@ -188,17 +209,20 @@ def _home() -> Path | None:
 def load_config(root: Path, path: Path | None = None) -> ProjectConfig:
     """Read `.aiwg/dispatch.toml` under `root` (or an explicit `path`)."""
     cfg_path = path or root / ".aiwg" / CONFIG_NAME
-    if not cfg_path.is_file():
-        if path is not None:
-            raise ConfigError([Diagnostic(str(path), None, None, "config file not found")])
+    text = _read_config(cfg_path, explicit=path is not None)
+    if text is None:
         return ProjectConfig(root=root)
-    text = cfg_path.read_text(encoding="utf-8")
     display = _display(cfg_path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line, col = _toml_error_position(str(exc))
         raise ConfigError([Diagnostic(display, line, col, f"invalid TOML: {exc}")]) from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError([Diagnostic(
+            display, _deepest_line(text), None,
+            "arrays or inline tables are nested too deeply to read; a dispatch config "
+            "needs only a few levels")]) from None
     try:
         parsed = ConfigFile.model_validate(raw)
     except ValidationError as exc:
@@ -209,6 +233,89 @@ def load_config(root: Path, path: Path | None = None) -> ProjectConfig:
         ]) from None
     return ProjectConfig(root=root, path=cfg_path, defaults=parsed.defaults, agents=parsed.agents,
                          runners=dict(parsed.runners))
+
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A config is a few hundred bytes; more than this is a mistake (or `/dev/zero`)."""
+
+
+def _read_config(cfg_path: Path, *, explicit: bool) -> str | None:
+    """The config's text; None when the project has none (only the default path may lack it).
+
+    Every way the file can be unusable is a `ConfigError` that names it and says what
+    to do, never a traceback: the CLI exits 2 and the daemon keeps its old config.
+    """
+    display = _display(cfg_path)
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError([Diagnostic(display, None, None, message)])
+
+    try:
+        st = cfg_path.stat()
+    except FileNotFoundError:
+        if cfg_path.is_symlink():
+            raise fail(f"a symlink to {os.readlink(cfg_path)}, which does not exist; "
+                       "point it at a TOML file or remove it") from None
+        if explicit:
+            raise fail("config file not found") from None
+        return None
+    except OSError as exc:
+        raise fail(f"cannot read it: {exc.strerror or exc}; make it (and the folders above "
+                   "it) readable by this user, or remove it") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise fail("is a directory, not a TOML file; remove it or replace it with a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise fail("is not a regular file (a device, pipe or socket); replace it with a "
+                   "TOML file")
+    try:
+        with open(cfg_path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise fail(f"cannot read it: {exc.strerror or exc}; make it readable by this "
+                   "user (e.g. chmod a+r), or remove it") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise fail(f"larger than {MAX_CONFIG_BYTES >> 20} MiB; a dispatch config is a few "
+                   "lines of TOML — is this the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError([Diagnostic(
+            display, line, col,
+            f"not valid UTF-8 (byte 0x{data[exc.start]:02x}); TOML files must be UTF-8: "
+            "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)")]) from None
+
+
+def _deepest_line(text: str, limit: int = 64) -> int | None:
+    """The line where brackets first nest deeper than `limit` (strings skipped roughly)."""
+    depth, line, quote = 0, 1, ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\n":
+            line += 1
+            if quote in ('"', "'"):
+                quote = ""
+        elif quote:
+            if ch == "\\" and quote == '"':
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#":
+            end = text.find("\n", i)
+            i = len(text) if end < 0 else end
+            continue
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return line
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        i += 1
+    return None
 
 
 def resolve_settings(
@@ -246,8 +353,6 @@ def resolve_settings(
 
 
 def _normpath(p: Path) -> str:
-    import os.path
-
     return os.path.normpath(str(p))
 
 

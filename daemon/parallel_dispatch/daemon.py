@@ -6,17 +6,24 @@ change during a run interrupts it — its agents' process groups are killed —
 and the new version starts.  All runs share one global slot pool on top of
 each file's own `max_parallel`.  Bad files get an error report where their
 report would go; the daemon keeps serving.  Layout and behaviour: README, "The daemon".
+
+The daemon never dies of one file: whatever goes wrong while loading or
+running a file (an unwritable output dir, a bug) ends in that file's error
+report, and the file waits for its next change.  Task files are validated in
+a worker thread, so a slow one never stalls the watchdog or other files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,8 +36,8 @@ from watchfiles import Change
 from .agentdefs import search_dirs
 from .api import run_spec
 from .atomic import write_text
-from .config import BUILTIN_DEFAULTS, ProjectConfig, load_config
-from .errors import ConfigError, Diagnostic, TaskFileError
+from .config import BUILTIN_DEFAULTS, CONFIG_NAME, ProjectConfig, load_config
+from .errors import ConfigError, Diagnostic, DispatchError, TaskFileError
 from .fingerprint import hash_files
 from .fmt import now_iso, plural
 from .loader import load_spec
@@ -43,13 +50,23 @@ from .scheduler import Scheduler
 from .sdnotify import Notifier, watchdog_loop
 from .spec import DispatchSpec
 from .state import State
-from .watcher import is_task_file, static_root, watch
+from .watcher import ignored_name, is_task_file, static_root, watch
+from .yamlsafe import MAX_FILE_BYTES
 
 log = logging.getLogger("parallel_dispatch")
 
 DEFAULT_GLOBAL_PARALLEL = 8
 DEBOUNCE_S = 0.005
+INVALID_SETTLE_S = 1.0
+"""An invalid version is published (error report, ERROR log) only once its bytes
+have not changed for this long: a file caught half-written never replaces a report."""
+MAX_LOGGED_ERRORS = 10
+"""Errors of one file written to the log; all of them are in its error report."""
+LOAD_THREADS = 2
+"""Task files validated at once, in worker threads (off the event loop)."""
+WATCH_RETRY_S = 5.0
 STATUS_FILE = ".aiwg/dispatch-daemon.json"
+CONFIG_DISPLAY = f".aiwg/{CONFIG_NAME}"
 CANARY = ".dispatch-watch-canary"
 """Written into the tasks folder to learn when the file watcher is live."""
 
@@ -74,6 +91,8 @@ class TaskFileState:
     source_hash: str = ""
     uses_definitions: bool = False
     invalid: bool = False
+    error: str | None = None
+    """Why the last attempt did not run (shown by `status`); None after a good load."""
 
 
 class _FileProgress(PlainProgress):
@@ -133,26 +152,35 @@ class Daemon:
         self._watching: set[Path] = set()
         self._watch_live = trio.Event()
         self._def_dirs: list[Path] = []
+        self._unreadable_dirs: set[Path] = set()
+        self.config_errors: list[Diagnostic] = []
+        """The config's errors while it is invalid (at start): no file runs until it is fixed."""
+        self._load_limiter = trio.CapacityLimiter(LOAD_THREADS)
         self.started_at = now_iso()
 
     # -- lifecycle ------------------------------------------------------------------
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT; then cancel runs, write partial reports, return."""
-        self._load_config()
+        if not self._load_config(at_start=True):
+            log.error("no task file runs until %s is fixed and the daemon reloaded "
+                      "(SIGHUP, systemctl reload)", CONFIG_DISPLAY)
         killed = self.registry.reap()
         if killed:
             log.warning("killed %s of an earlier dispatcher",
                         plural(len(killed), "orphaned agent group"))
-        self.tasks_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.tasks_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DispatchError(f"cannot create the tasks folder {self.tasks_dir}: "
+                                f"{exc.strerror or exc}") from None
         async with trio.open_nursery() as services:
             services.start_soon(self._signals)
             services.start_soon(watchdog_loop, self.notifier)
             services.start_soon(self._status_writer)
             async with trio.open_nursery() as runs:
                 self._nursery = runs
-                for path in sorted(self.tasks_dir.rglob("*")):
-                    if path.is_file() and is_task_file(path.relative_to(self.tasks_dir)):
-                        self._touch(path)
+                for path in self._task_files(self.tasks_dir):
+                    self._touch(path)
                 runs.start_soon(self._announce)
                 await self._watch_loop()
             services.cancel_scope.cancel()
@@ -188,20 +216,47 @@ class Daemon:
                     self.shutdown(signal.Signals(signum).name)
 
     def reload(self) -> None:
-        """SIGHUP: re-read `.aiwg/dispatch.toml`; running work keeps its old config."""
+        """SIGHUP: re-read `.aiwg/dispatch.toml`; running work keeps its old config.
+
+        An invalid new config is logged and the old one kept.  Files that were
+        refused (invalid, or waiting for a valid config) are checked again.
+        """
         self.notifier.reloading()
+        blocked = bool(self.config_errors)
         ok = self._load_config()
-        log.info("configuration %s", "reloaded" if ok else "kept (the new one is invalid)")
+        if ok:
+            log.info("configuration reloaded")
+        elif blocked:
+            log.error("configuration still invalid; no task file runs until it is fixed")
+        else:
+            log.error("configuration kept: the new %s is invalid", CONFIG_DISPLAY)
+        if ok or blocked:
+            for fs in list(self.files.values()):
+                if fs.invalid or fs.error is not None:
+                    self._touch(fs.path)
         self._rewatch_if_needed()  # e.g. an agent-definition folder that appeared since
         self.notifier.ready(self._status_text())
 
-    def _load_config(self) -> bool:
+    def _load_config(self, at_start: bool = False) -> bool:
+        """Read the config; on any problem keep the one in use and log why.
+
+        At start there is none to keep: `config_errors` then holds the problems,
+        and every file gets them as its error report until a reload succeeds.
+        """
         try:
-            self.config = load_config(self.project)
-        except ConfigError as exc:
-            for d in exc.diagnostics:
+            config = load_config(self.project)
+        except Exception as exc:  # no config problem may stop the daemon
+            diagnostics = (exc.diagnostics if isinstance(exc, ConfigError) else
+                           [Diagnostic(CONFIG_DISPLAY, None, None, _describe(exc))])
+            for d in diagnostics:
                 log.error("%s", d.format())
+            if not isinstance(exc, ConfigError):
+                log.debug("details", exc_info=True)
+            if at_start or self.config_errors:
+                self.config_errors = list(diagnostics)
             return False
+        self.config = config
+        self.config_errors = []
         return True
 
     # -- watching -------------------------------------------------------------------
@@ -214,9 +269,19 @@ class Daemon:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._rescan)
             first = False
-            async for batch in watch(roots, self._stop_watch, self._keep):
-                for _change, raw in sorted(batch, key=lambda c: c[1]):
-                    self._on_change(Path(raw))
+            try:
+                async for batch in watch(roots, self._stop_watch, self._keep):
+                    for _change, raw in sorted(batch, key=lambda c: c[1]):
+                        try:
+                            self._on_change(Path(raw))
+                        except Exception as exc:  # a bug must not stop the watcher
+                            log.error("cannot handle a change of %s: %s", raw, _describe(exc))
+                            log.debug("details", exc_info=True)
+            except OSError as exc:  # e.g. a folder that vanished or became unreadable
+                log.warning("file watcher stopped: %s; restarting it in %.0f s",
+                            exc, WATCH_RETRY_S)
+                with trio.move_on_after(WATCH_RETRY_S):
+                    await self._stop_watch.wait()
 
     def _rewatch_if_needed(self) -> None:
         """Restart the watcher when `files:` globs need other directories."""
@@ -234,23 +299,57 @@ class Daemon:
         canary = self.tasks_dir / CANARY
         with trio.move_on_after(5):
             while not live.is_set():
-                canary.write_text(str(os.getpid()))
+                try:
+                    self.tasks_dir.mkdir(parents=True, exist_ok=True)
+                    canary.write_text(str(os.getpid()))
+                except OSError as exc:
+                    log.warning("cannot write %s: %s", canary, exc)
+                    break
                 with trio.move_on_after(0.25):
                     await live.wait()
-        canary.unlink(missing_ok=True)
-        for path in sorted(self.tasks_dir.rglob("*")):
-            if not (path.is_file() and is_task_file(path.relative_to(self.tasks_dir))):
-                continue
+        with contextlib.suppress(OSError):
+            canary.unlink(missing_ok=True)
+        for path in self._task_files(self.tasks_dir):
             fs = self.files.get(path)
             if fs is None or (fs.mtime_ns and fs.mtime_ns != _mtime_ns(path)):
                 self._touch(path)
         for fs in list(self.files.values()):
-            if fs.patterns and fs.files_hash != hash_files(self.project, fs.patterns):
+            if not _exists(fs.path):
+                self._touch(fs.path)  # gone while the watcher was down
+            elif fs.patterns and fs.files_hash != hash_files(self.project, fs.patterns):
                 self._touch(fs.path)
 
+    def _task_files(self, folder: Path) -> list[Path]:
+        """Task files under `folder` (inside the tasks folder), in name order."""
+        try:
+            return sorted(p for p in folder.rglob("*")  # (a FIFO too: it gets its error)
+                          if is_task_file(p.relative_to(self.tasks_dir)) and not _is_dir(p))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", folder, exc)
+            return []
+
     def _roots(self) -> set[Path]:
-        """What to watch; also refreshes the agent-definition folders seen in events."""
-        self._def_dirs = [d for d in search_dirs(self.project) if d.is_dir()]
+        """What to watch; also refreshes the agent-definition folders seen in events.
+
+        A folder we may not list is left out (watching it would fail) and named
+        once in the log; validation reports it where it matters.
+        """
+        self._def_dirs = []
+        for d in search_dirs(self.project):
+            try:
+                if not d.is_dir():
+                    continue
+                readable = os.access(d, os.R_OK | os.X_OK)
+            except OSError:  # a parent we may not search: it may be there
+                readable = False
+            if readable:
+                self._def_dirs.append(d)
+                self._unreadable_dirs.discard(d)
+            elif d not in self._unreadable_dirs:
+                self._unreadable_dirs.add(d)
+                log.warning("cannot read the agent folder %s (permission denied): it is not "
+                            "watched, and its definitions are not found; make it readable "
+                            "(chmod u+rx) and reload", d)
         roots = {self.tasks_dir, *self._def_dirs}
         for fs in self.files.values():
             for pattern in fs.patterns:
@@ -262,14 +361,23 @@ class Daemon:
         if path.name == CANARY and path.parent == self.tasks_dir:
             return change != Change.deleted
         if path.is_relative_to(self.tasks_dir):
-            return is_task_file(path.relative_to(self.tasks_dir))
+            if is_task_file(path.relative_to(self.tasks_dir)):
+                return True
+            # A folder moved in or out brings or takes its task files without an
+            # event of their own.
+            return (path != self.tasks_dir and not ignored_name(path.name)
+                    and (_is_dir(path) or self._known_under(path)))
         if path.suffix == ".md" and any(path.is_relative_to(d) for d in self._def_dirs):
             return True
         if path.is_relative_to(self.project / REGISTRY_DIR) or any(
-                fs.output_dir is not None and path.is_relative_to(fs.output_dir)
+                (fs.output_dir is not None and path.is_relative_to(fs.output_dir))
+                or (fs.invalid and path.is_relative_to(self._default_output(fs)))
                 for fs in self.files.values()):
-            return False  # our own writes must never trigger runs
+            return False  # our own writes (reports, error reports) must never trigger runs
         return any(self._matches(fs, raw) for fs in self.files.values())
+
+    def _known_under(self, folder: Path) -> bool:
+        return any(p.is_relative_to(folder) for p in self.files)
 
     @staticmethod
     def _matches(fs: TaskFileState, raw: str) -> bool:
@@ -280,6 +388,9 @@ class Daemon:
             self._watch_live.set()
             return
         if path.is_relative_to(self.tasks_dir):
+            if not is_task_file(path.relative_to(self.tasks_dir)):
+                self._folder_changed(path)
+                return
             self._touch(path, content_event=True)
             return
         if any(path.is_relative_to(d) for d in self._def_dirs):
@@ -294,6 +405,15 @@ class Daemon:
                          if path.is_relative_to(self.project) else path)
                 self._touch(fs.path)
 
+    def _folder_changed(self, folder: Path) -> None:
+        """A folder in the tasks folder appeared (moved in) or went away (moved out)."""
+        if _is_dir(folder):
+            for path in self._task_files(folder):
+                self._touch(path, content_event=True)
+        for path in [p for p in self.files if p.is_relative_to(folder)]:
+            if not _exists(path):
+                self._touch(path)
+
     def _touch(self, path: Path, content_event: bool = False) -> None:
         """Mark a task file dirty (starting its loop if new); interrupt its run.
 
@@ -303,18 +423,18 @@ class Daemon:
         """
         fs = self.files.get(path)
         if fs is None:
-            if not path.exists() or self.stopping:
+            if not _exists(path) or self.stopping:
                 return
             fs = self.files[path] = TaskFileState(path, _name(path, self.tasks_dir))
             assert self._nursery is not None
             self._nursery.start_soon(self._file_loop, fs)
         else:
-            if content_event and fs.source_hash and fs.source_hash == _sha256(path):
+            if content_event and fs.source_hash and fs.source_hash == _fingerprint(path):
                 return
             fs.initial = False
         fs.last_change = trio.current_time()
         if fs.scheduler is not None:
-            why = "task file changed" if path.exists() else "task file deleted"
+            why = "task file changed" if _exists(path) else "task file deleted"
             fs.scheduler.interrupt(why)
         fs.dirty.set()
 
@@ -327,23 +447,54 @@ class Daemon:
             fs.dirty = trio.Event()
             if self.stopping:
                 return
-            if not fs.path.exists():
+            if not _exists(fs.path):
                 log.info("[%s] deleted; its outputs stay in %s", fs.name, fs.output_dir)
                 del self.files[fs.path]
                 self.changed()
                 return
-            await self._run(fs)
+            try:
+                await self._run(fs)
+            except Exception as exc:  # the daemon never dies of one file
+                self._failed(fs, exc)
+
+    async def _load(self, fs: TaskFileState, config: ProjectConfig) -> DispatchSpec:
+        """Validate in a worker thread: a slow file must not stall the event loop
+        (watchdog pings, other files' runs and events)."""
+        load = functools.partial(load_spec, fs.path, config=config, default_subdir=fs.name,
+                                 confine_to=(self.tasks_dir,))
+        return await trio.to_thread.run_sync(load, abandon_on_cancel=True,
+                                             limiter=self._load_limiter)
 
     async def _run(self, fs: TaskFileState) -> None:
+        if self.config_errors:
+            fs.error = f"{CONFIG_DISPLAY} is invalid"
+            self._invalid(fs, [Diagnostic(
+                str(fs.path), None, None,
+                f"not run: the project config {CONFIG_DISPLAY} is invalid (errors below); "
+                "fix it, then reload the daemon (SIGHUP, or systemctl reload)"),
+                *self.config_errors])
+            return
+        read = _fingerprint(fs.path)
+        if read is not None and read.startswith(SPECIAL):  # reading it could block forever
+            fs.source_hash = read
+            self._invalid(fs, [Diagnostic(
+                str(fs.path), None, None,
+                "not a regular file (a pipe, socket or device); a task file must be a "
+                "plain file: replace it with one")])
+            return
         try:
-            spec = load_spec(fs.path, config=self.config, default_subdir=fs.name)
+            spec = await self._load(fs, self.config)
         except TaskFileError as exc:
-            fs.source_hash = ""  # unknown which bytes were read: never skip the next event
-            if fs.path.exists():
+            if await self._settled(fs, read):
+                fs.source_hash = read or ""  # a no-op save of these bytes changes nothing
+                fs.error = None
                 self._invalid(fs, exc.diagnostics)
+            return
+        if self.stopping:
             return
         fs.source_hash = spec.source_hash
         fs.invalid = False
+        fs.error = None
         fs.uses_definitions = any(a.definition is not None for a in spec.agents)
         clash = self._claimed_by_other(fs, spec.settings.output_dir)
         if clash is not None:
@@ -384,6 +535,47 @@ class Daemon:
                  sum(r.count(p) for p in PROBLEMS), r.count("skipped"),
                  r.report_md_path)
 
+    async def _settled(self, fs: TaskFileState, read: str | None) -> bool:
+        """Whether the bytes that failed to load are the file's settled content.
+
+        A file being rewritten in place is often read half-written; its error
+        report must not replace the last good report.  So the invalid version is
+        published only after `INVALID_SETTLE_S` without a change; if the bytes
+        changed meanwhile (an event may still be on its way), the file is read
+        again — unless they are back to the version already in effect.
+        """
+        with trio.move_on_after(INVALID_SETTLE_S):
+            await fs.dirty.wait()
+        if fs.dirty.is_set() or self.stopping:
+            return False  # a newer version is queued: the loop reads it next
+        now = _fingerprint(fs.path)
+        if now is None:
+            return False  # deleted: its event is on its way
+        if now == read:
+            return True
+        if now != fs.source_hash:
+            self._touch(fs.path)
+        return False
+
+    def _failed(self, fs: TaskFileState, exc: Exception) -> None:
+        """Whatever went wrong at run time ends in this file's error report."""
+        what = _describe(exc)
+        if isinstance(_unwrap(exc), DispatchError):
+            message = f"could not run: {what}"
+        elif isinstance(_unwrap(exc), OSError):  # the machine's, not the file's or ours
+            message = (f"could not run: {what}; check that the output dir (and the disk) "
+                       "can be written by the user running the daemon")
+        else:
+            message = (f"could not run: internal error: {what}; this is a bug in "
+                       "parallel-dispatch: please report it (set PARALLEL_DISPATCH_DEBUG=1 "
+                       "for details in the log)")
+            log.debug("[%s] details", fs.name, exc_info=exc)
+        fs.error = what
+        fs.source_hash = ""  # the same bytes, saved again, are tried again
+        self._invalid(fs, [Diagnostic(str(fs.path), None, None,
+                                      f"{message}; it runs again when the file changes")],
+                      crashed=True)
+
     def _up_to_date(self, spec: DispatchSpec) -> bool:
         """At start: skip files whose last run finished on this exact file.
 
@@ -397,25 +589,49 @@ class Daemon:
 
     def _claimed_by_other(self, fs: TaskFileState, out: Path) -> TaskFileState | None:
         for other in self.files.values():
-            if other is fs or other.output_dir is None or not other.path.exists():
+            if other is fs or other.output_dir is None or not _exists(other.path):
                 continue
             if (out == other.output_dir or out.is_relative_to(other.output_dir)
                     or other.output_dir.is_relative_to(out)):
                 return other
         return None
 
-    def _invalid(self, fs: TaskFileState, diagnostics: list[Diagnostic]) -> None:
+    def _invalid(self, fs: TaskFileState, diagnostics: list[Diagnostic],
+                 crashed: bool = False) -> None:
+        """Log the errors and write the error report where the file's report goes.
+
+        If that dir cannot be written (read-only, `/proc/...`), the report goes to
+        the file's default dir under `.aiwg/working/` instead, unless another file
+        owns that dir.
+        """
         fs.invalid = True
-        out = fs.output_dir or self._default_output(fs)
-        for d in diagnostics:
+        self.changed()
+        for d in diagnostics[:MAX_LOGGED_ERRORS]:
             log.error("[%s] %s", fs.name, d.format())
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            report = write_error_report(out, str(fs.path), diagnostics)
-            log.error("[%s] invalid: %s; nothing was run; report %s", fs.name,
+        if len(diagnostics) > MAX_LOGGED_ERRORS:
+            log.error("[%s] ... and %d more errors (all are in its error report)", fs.name,
+                      len(diagnostics) - MAX_LOGGED_ERRORS)
+        default = self._default_output(fs)
+        places = [fs.output_dir or default]
+        if places[0] != default and self._claimed_by_other(fs, default) is None:
+            places.append(default)
+        problems = []
+        for out in places:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                report = write_error_report(out, str(fs.path), diagnostics, crashed)
+            except OSError as exc:
+                problems.append(f"cannot write its error report in {out}: "
+                                f"{exc.strerror or exc}")
+                continue
+            for problem in problems:
+                log.error("[%s] %s", fs.name, problem)
+            log.error("[%s] %s: %s; report %s", fs.name,
+                      "could not run" if crashed else "invalid; nothing was run",
                       plural(len(diagnostics), "error"), report)
-        except OSError as exc:
-            log.error("[%s] cannot write its error report in %s: %s", fs.name, out, exc)
+            return
+        for problem in problems:
+            log.error("[%s] %s", fs.name, problem)
 
     def _default_output(self, fs: TaskFileState) -> Path:
         base = self.config.defaults.output_dir or BUILTIN_DEFAULTS["output_dir"]
@@ -451,6 +667,8 @@ class Daemon:
                     "done": (sum(1 for r in fs.scheduler.records if r.status in COUNTED)
                         if fs.scheduler else None),
                     "total": len(fs.scheduler.records) if fs.scheduler else None,
+                    "invalid": fs.invalid,
+                    "error": fs.error,
                 }
                 for fs in sorted(self.files.values(), key=lambda f: f.name)
             },
@@ -474,11 +692,67 @@ class Daemon:
             (self.project / STATUS_FILE).unlink()
 
 
-def _sha256(path: Path) -> str:
+SPECIAL = "special:"
+
+
+def _fingerprint(path: Path) -> str | None:
+    """The sha256 of a task file's bytes (as `DispatchSpec.source_hash`); None if it is gone.
+
+    A file that cannot be read gets a stable token instead, so its error is published
+    too; reading stops past the loader's size limit (a `/dev/zero` never ends).
+    """
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO must not block the loop)
+        with open(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return f"{SPECIAL}{stat.S_IFMT(st.st_mode):o}"
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"unreadable:{exc.errno}"
+    return hashlib.sha256(data).hexdigest()
+
+
+def _exists(path: Path) -> bool:
+    """`Path.exists`, but a file we may not look at (EACCES) is there: loading it
+    then reports why it cannot be read."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
     except OSError:
-        return ""
+        return True
+    return True
+
+
+def _is_dir(path: Path) -> bool:
+    """`Path.is_dir`, False (not an exception) when we may not look."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The one real error inside (nested) single-member exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the log and the report; a user's error as is, a bug with its type."""
+    inner = _unwrap(exc)
+    if isinstance(inner, DispatchError):
+        return str(inner)
+    if isinstance(inner, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in inner.exceptions)
+    text = str(inner)
+    if isinstance(inner, OSError) and inner.strerror:
+        text = f"{inner.strerror}: {inner.filename}" if inner.filename else inner.strerror
+    return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
 
 
 def _mtime_ns(path: Path) -> int:
@@ -497,7 +771,8 @@ def _name(path: Path, tasks_dir: Path) -> str:
 def run_daemon(project: Path, tasks_dir: Path | None, max_parallel: int | None,
                force: bool) -> int:
     """Entry point of `parallel-dispatch watch`."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    debug = os.environ.get("PARALLEL_DISPATCH_DEBUG", "") not in ("", "0")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(message)s")
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     daemon = Daemon(project, tasks_dir, max_parallel=max_parallel, force=force)

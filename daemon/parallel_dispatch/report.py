@@ -261,17 +261,25 @@ def write_reports(result: RunResult) -> tuple[Path, Path]:
     return md_path, json_path
 
 
-def write_error_report(output_dir: Path, task_file: str, diagnostics: list[Any]) -> Path:
-    """Where a run's report would go, say why the file could not run (daemon)."""
+def write_error_report(output_dir: Path, task_file: str, diagnostics: list[Any],
+                       crashed: bool = False) -> Path:
+    """Where a run's report would go, say why the file could not run (daemon).
+
+    `crashed`: the file was valid but its run failed partway (an unwritable output dir,
+    a full disk): outputs finished before that are kept, so "nothing was run" would lie.
+    """
     data = {
         "schema_version": SCHEMA_VERSION,
         "task_file": task_file,
-        "status": "invalid",
+        "status": "error" if crashed else "invalid",
         "checked_at": now_iso(),
         "errors": [d.to_json() for d in diagnostics],
     }
-    lines = ["# Parallel Dispatch Report", "", f"**Invalid task file**: `{task_file}` — "
-             "nothing was run. Fix these errors and save the file again:", "", "```text",
+    headline = (f"**Could not run**: `{task_file}` — the run stopped; outputs finished "
+                "before that are kept. Fix this and save the file again:" if crashed else
+                f"**Invalid task file**: `{task_file}` — nothing was run. Fix these errors "
+                "and save the file again:")
+    lines = ["# Parallel Dispatch Report", "", headline, "", "```text",
              *(d.format() for d in diagnostics), "```", ""]
     md = output_dir / REPORT_MD
     write_text(md, "\n".join(lines))

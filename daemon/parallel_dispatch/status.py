@@ -176,6 +176,8 @@ def render_status(project: Path, tasks_dir: Path | None = None) -> str:
             lines.append(invalid)
         run = by_file.pop(path, None)
         now = live.get(name) or {}
+        if invalid is None and now.get("error"):
+            lines.append(f"  could not run: {now['error']}")
         if run is not None and now.get("running") and run.info.get("status") == "running":
             run = None  # the daemon runs it now: its own live view (below) says more
         if run is not None:
