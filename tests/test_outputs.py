@@ -270,3 +270,16 @@ def test_inlined_inputs_cannot_break_out_of_their_fence(project: Project) -> Non
     assert "````" in (project.root / ".aiwg/working/up.md").read_text()
     down = (project.root / ".aiwg/working/down.md").read_text()
     assert "`````\na\n````\nb\n\n`````" in down
+
+
+def test_a_huge_failed_output_is_kept_cut_to_16_mib(project: Project) -> None:
+    """A failed attempt's partial output is for debugging; it must not hold the disk."""
+    project.write("t.yaml", """\
+        tasks:
+          - {id: big, agent: shell, prompt: "head -c 20000000 /dev/zero; exit 3", output: b.bin}
+    """)
+    assert project.run("t.yaml").returncode == 1
+    kept = project.root / ".aiwg/working/logs/big.failed.out"
+    assert kept.stat().st_size == 16 * 2**20
+    task = project.report()["tasks"][0]  # type: ignore[index]
+    assert "cut to its first 16 MiB" in task["error"]

@@ -290,3 +290,16 @@ def test_idle_timeout_flag_overrides_the_file(project: Project) -> None:
     proc = project.run("run", "t.yaml", "--idle-timeout", "60000")
     assert proc.returncode == 0, proc.stderr
     assert project.report()["settings"]["idle_timeout"] == 60000  # type: ignore[index]
+
+
+def test_retry_backoff_is_capped_at_an_hour(tmp_path: Path) -> None:
+    """`retry_backoff: 3600` with 20 retries would wait 2^19 hours uncapped."""
+    spec = _spec(tmp_path, """
+        tasks:
+          - {id: a, agent: c, prompt: p, output: a.md, retries: 20}
+    """, "settings: {retry_backoff: 3600}\n")
+    fail = Script(outcome=Outcome(ok=False, error="exit 1"))
+    result = _run(spec, ScriptedRunner({"a": [fail] * 21}))
+    a = _rec(result, "a")
+    assert (a.status, a.attempts) == ("failed", 21)
+    assert a.end_s is not None and a.end_s <= 20 * 2 * 3600

@@ -7,22 +7,31 @@ None of them knows about the scheduler's internals.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as _dt
+import errno
+import json
+import os
+import resource
 import secrets
 import signal
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from .atomic import write_text
 from .errors import DispatchError
-from .fmt import now_iso
+from .fmt import now_iso, plural
 from .incremental import Reuse
 from .loader import load_spec
-from .outputs import clean_staging
+from .outputs import clean_staging, clean_stale_staging
+from .process import sweep_run
 from .progress import NullProgress, Progress
-from .report import write_reports
+from .report import REPORT_JSON, REPORT_MD, to_json, to_markdown, write_reports
 from .result import COUNTED, PROBLEMS, RunResult, TaskRecord
 from .runners import DryRunRunner, Runner, RunnerSet
 from .scheduler import Scheduler
@@ -81,7 +90,12 @@ async def run_spec(
     progress = progress or NullProgress()
     real = runner or RunnerSet()
     active: Runner = DryRunRunner(real) if dry_run else real
+    fd_note = None
+    if not dry_run:
+        spec, fd_note = _within_fd_limit(spec)
     result = new_result(spec, run_id, dry_run)
+    if fd_note is not None:
+        result.notes.append(fd_note)
     state = State.load(spec.settings.output_dir)
     cache = None if dry_run else Reuse(spec, state, enabled=reuse)
     scheduler = Scheduler(
@@ -90,17 +104,7 @@ async def run_spec(
     if scheduler_hook is not None:
         scheduler_hook(scheduler)
     if not dry_run:
-        try:
-            spec.settings.output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DispatchError(
-                f"cannot create the output dir {spec.settings.output_dir}: "
-                f"{exc.strerror or exc}; choose a writable one (--output or settings.output_dir)"
-            ) from None
-        state.runs = {"run_id": result.run_id, "started_at": result.started_at,
-                      "status": "running", "task_file": str(spec.path),
-                      "task_file_hash": spec.source_hash}
-        state.begin()
+        _open_output_dir(spec, state, result)
     progress.run_started(result)
     try:
         async with trio.open_nursery() as nursery:
@@ -112,12 +116,15 @@ async def run_spec(
             await scheduler.run()
             nursery.cancel_scope.cancel()
     finally:
+        # Settled even when the run was cancelled from outside (see `Scheduler.run`):
+        # the report below must hold no `running` or `pending` task.
         result.finished_at = now_iso()
         if isinstance(active, DryRunRunner):
             result.plan_lines = list(active.started)
             _mark_planned(result)
         else:
             with trio.CancelScope(shield=True):
+                await _kill_leftovers(result)
                 _finish(result, state)
     progress.run_finished(result)
     return result
@@ -146,13 +153,120 @@ def _recorder(result: RunResult, state: State) -> Callable[[TaskRecord], None]:
     return record
 
 
+async def _kill_leftovers(result: RunResult) -> None:
+    """Every attempt killed its own processes; this catches any that escaped all the same
+    (see `process.py`), before the staging folder goes and the report is written."""
+    survivors = await sweep_run(result.run_id)
+    if survivors:
+        result.notes.append(
+            f"{plural(len(survivors), 'agent process', 'agent processes')} of this run "
+            f"could not be killed (pids {', '.join(map(str, survivors[:10]))}); they may "
+            "still be writing under the output dir.")
+
+
+def _open_output_dir(spec: DispatchSpec, state: State, result: RunResult) -> None:
+    """Create the output dir and start the state journal there, before any agent runs:
+    a dir that cannot be written is one clear error (exit 2), not a traceback later."""
+    out = spec.settings.output_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DispatchError(f"cannot create the output dir {out}: {_why(exc)}; choose a "
+                            "writable one (--output or settings.output_dir)") from None
+    if not _run_in_progress(state):
+        clean_stale_staging(out)  # folders a crashed run left behind
+    state.runs = {"run_id": result.run_id, "started_at": result.started_at,
+                  "status": "running", "task_file": str(spec.path),
+                  "task_file_hash": spec.source_hash}
+    try:
+        state.begin()
+    except OSError as exc:
+        raise DispatchError(f"cannot write to the output dir {out}: {_why(exc)}; choose a "
+                            "writable one (--output or settings.output_dir)") from None
+
+
+def _why(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += " (the disk is full)"
+    return text
+
+
+def _run_in_progress(state: State) -> bool:
+    """Whether the state says another run on this output dir is going on right now (a
+    dispatcher still alive, maybe this very daemon): then its staging must stay."""
+    runs = state.runs
+    pid = runs.get("pid")
+    if runs.get("status") != "running" or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+FDS_PER_AGENT = 8
+"""File descriptors one running agent may need at once in the dispatcher (its log, its
+output, /dev/null, a pidfd, the pipes of a spawn or of a preset's stream), with margin."""
+FDS_RESERVED = 32
+"""For the dispatcher itself: its state journal, registry, trio's wakeup fds, reports."""
+
+
+def _within_fd_limit(spec: DispatchSpec) -> tuple[DispatchSpec, str | None]:
+    """Lower max_parallel to what the open-files limit (ulimit -n) allows, and say so:
+    otherwise agents past the limit fail with "Too many open files"."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return spec, None
+    fits = max(1, (soft - FDS_RESERVED) // FDS_PER_AGENT)
+    wanted = spec.settings.max_parallel
+    if wanted <= fits:
+        return spec, None
+    settings = dataclasses.replace(spec.settings, max_parallel=fits)
+    note = (f"max_parallel {wanted} was lowered to {fits}: this process may open only {soft} "
+            f"files (ulimit -n), and each running agent needs about {FDS_PER_AGENT}; raise "
+            "the limit to run more at once.")
+    return dataclasses.replace(spec, settings=settings), note
+
+
 def _finish(result: RunResult, state: State) -> None:
-    clean_staging(result.spec, result.run_id)
-    state.update_run(finished_at=result.finished_at, status=result.status,
-                     **{k: result.count(k) for k in
-                        COUNTED})
-    state.save()
-    write_reports(result)
+    """Clean up, save the state, write the reports: each step survives the one before
+    failing (a full disk), so the user still gets a report, and learns where it is."""
+    with contextlib.suppress(OSError):
+        clean_staging(result.spec, result.run_id)
+    try:
+        state.update_run(finished_at=result.finished_at, status=result.status,
+                         **{k: result.count(k) for k in COUNTED})
+        state.save()
+    except OSError as exc:
+        result.notes.append(
+            f"The state file {state.path} could not be saved ({_why(exc)}): --resume and "
+            "the daemon may run again tasks that finished.")
+    if state.error is not None:
+        result.notes.append(f"Some task results could not be recorded in {state.journal_path} "
+                            f"({_why(state.error)}).")
+    try:
+        write_reports(result)
+    except OSError as exc:
+        _write_reports_elsewhere(result, exc)
+
+
+def _write_reports_elsewhere(result: RunResult, exc: OSError) -> None:
+    """The output dir refused the reports: write them to a fresh folder in the temp dir
+    (usually another file system), and say so in them and in `report_md_path`."""
+    out_dir = result.spec.settings.output_dir
+    folder = Path(tempfile.mkdtemp(prefix=f"parallel-dispatch-{result.run_id}-"))
+    result.notes.append(f"The reports could not be written to the output dir {out_dir} "
+                        f"({_why(exc)}); they are in {folder} instead.")
+    data = to_json(result)
+    result.report = data
+    md, js = folder / REPORT_MD, folder / REPORT_JSON
+    write_text(md, to_markdown(result, data))
+    write_text(js, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    result.report_md_path, result.report_json_path = md, js
 
 
 async def _interrupt_on_signals(scheduler: Scheduler) -> None:

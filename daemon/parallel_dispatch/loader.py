@@ -11,7 +11,8 @@ import gc
 import hashlib
 import os
 import posixpath
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,20 @@ from .agents import SHELL_AGENT
 from .config import ProjectConfig, find_project_root, load_config, resolve_settings
 from .errors import ConfigError, Diagnostic, TaskFileError
 from .graph import Graph, find_cycles
-from .model import Settings, Task, TaskFile
+from .model import (
+    MAX_ARG_BYTES,
+    MAX_NAME_BYTES,
+    MAX_PATH_BYTES,
+    RESERVED_OUTPUTS,
+    STAGED_NAME,
+    Settings,
+    Task,
+    TaskFile,
+)
 from .resolve import AgentResolver, ResolveError
 from .spec import DispatchSpec
+from .suggest import Suggester
 from .yamlsafe import Document, load_yaml
-
-RESERVED_OUTPUTS = ("dispatch-report.md", "dispatch-report.json", "logs", ".dispatch-state.toml",
-                    ".dispatch")
 
 _FIELDS: dict[str, list[str]] = {
     "root": list(TaskFile.model_fields),
@@ -59,13 +67,19 @@ def load_spec(
     cwd: Path | None = None,
     default_subdir: str | None = None,
     config: ProjectConfig | None = None,
+    confine_to: Sequence[Path] = (),
 ) -> DispatchSpec:
     """Parse, validate and resolve one task file; raise `TaskFileError` listing all errors.
 
     `default_subdir` gives each file its own directory under a default output
     dir, and `config` replaces reading `.aiwg/dispatch.toml` (the daemon's
-    layout, and its config as of the last start or SIGHUP).
+    layout, and its config as of the last start or SIGHUP). A file that a symlink
+    leads out of its project, the current directory and `confine_to` is refused
+    unread (`check_confined`).
     """
+    root = config.root if config is not None else find_project_root(Path(path), cwd)
+    roots = [root, *confine_to] if config is not None else [root, cwd or Path.cwd(), *confine_to]
+    check_confined(Path(path), roots)
     with _gc_paused():
         return _load_spec(Path(path), overrides, config_path, cwd, default_subdir, config)
 
@@ -93,6 +107,7 @@ def _load_spec(
         file_settings = model.settings if model is not None else _settings_or_default(doc.data)
         settings = resolve_settings(root, file_settings, config, overrides or {},
                                     default_subdir)
+        checker.check_overrides(overrides or {})
         checker.check_outputs(settings.output_dir)
         agents = checker.check_agents(config)
         if model is not None and not checker.diagnostics:
@@ -202,7 +217,21 @@ class _Checker:
             return f"'{field}' must be {op} {bound} (got {got!r})"
         if kind == "literal_error":
             return f"'{field}' must be one of {err['ctx']['expected']} (got {got!r})"
+        if kind in ("less_than_equal", "string_too_long", "finite_number"):
+            return _limit_message(kind, field, err.get("ctx", {}), got)
         return f"'{field}': {err['msg'].lower()} (got {_short(got)})"
+
+    def check_overrides(self, overrides: dict[str, Any]) -> None:
+        """Command-line flags (and the Action's inputs) obey the limits the file does."""
+        given = {k: v for k, v in overrides.items() if v is not None and k in _FLAGS}
+        try:
+            Settings.model_validate(given)
+        except ValidationError as exc:
+            for err in exc.errors():
+                key = str(err["loc"][0])
+                text = self._message(err, ("settings", key)).replace(
+                    f"'settings.{key}'", f"{_FLAGS[key]} ({key})", 1)
+                self.diagnostics.append(Diagnostic(self.doc.file, None, None, text))
 
     # -- graph ----------------------------------------------------------------
     def check_graph(self) -> None:
@@ -216,7 +245,7 @@ class _Checker:
                              f"{first[0] if first else '?'}); ids must be unique")
                 else:
                     ids[raw["id"]] = i
-        names = list(ids)
+        suggester = Suggester(ids)  # did-you-mean, near-linear in unknown deps
         edges: list[list[int]] = [[] for _ in self.raw_tasks]
         self.edges = edges
         for i, raw in enumerate(self.raw_tasks):
@@ -230,7 +259,7 @@ class _Checker:
                 if dep == raw.get("id"):
                     self.add(loc, "a task cannot depend on itself; remove it from 'dependencies'")
                 elif dep not in ids:
-                    self.add(loc, f"unknown dependency '{dep}'{did_you_mean(dep, names)}")
+                    self.add(loc, f"unknown dependency '{dep}'{suggester.hint(dep)}")
                 else:
                     edges[i].append(ids[dep])
         for cycle in find_cycles(edges):
@@ -260,8 +289,9 @@ class _Checker:
                 self.add(loc, f"output '{out}' names the output dir itself; name a file or "
                               "directory inside it")
                 continue
-            if norm.split("/", 1)[0] in RESERVED_OUTPUTS:
-                self.add(loc, f"output '{out}' is reserved for dispatch's own files; rename it")
+            problem = _output_problem(out, norm, output_dir)
+            if problem is not None:
+                self.add(loc, problem)
                 continue
             escape = symlinks.escape(norm)
             if escape is not None:
@@ -294,6 +324,7 @@ class _Checker:
     def check_agents(self, config: ProjectConfig) -> list[Any]:
         """Resolve every task's agent (None where it does not resolve)."""
         specs = []
+        bad_env: dict[str, bool] = {}
         resolver = AgentResolver(config)
         for i, raw in enumerate(self.raw_tasks):
             name = _str_field(raw, "agent")
@@ -309,8 +340,75 @@ class _Checker:
                          "the shell agent's prompt is a script, so nothing can be appended to "
                          "it; remove 'inputs' and read $DISPATCH_INPUTS (a JSON object of "
                          "dependency id → output path) instead")
+            if spec is not None:
+                self._check_prompt(i, raw, spec)
+                if spec.name not in bad_env:
+                    bad_env[spec.name] = self._check_env(i, spec, config)
             specs.append(spec)
         return specs
+
+    def _check_prompt(self, i: int, raw: Any, spec: Any) -> None:
+        """An argument cannot hold a NUL, nor (on Linux) 128 KiB or more."""
+        prompt = _str_field(raw, "prompt")
+        if prompt is None or spec.runner is not None or spec.prompt_mode != "arg":
+            return
+        if "\0" in prompt:
+            self.add(("tasks", i, "prompt"),
+                     f"the prompt contains a NUL character, which cannot be passed as an "
+                     f"argument (agent '{spec.name}' takes its prompt as one); remove it")
+        elif spec.source != "built-in" and len(prompt.encode()) > MAX_ARG_BYTES:
+            # (the built-in shell agent runs a long script from a file instead)
+            self.add(("tasks", i, "prompt"),
+                     f"the prompt is {len(prompt.encode()):,} bytes, and agent '{spec.name}' "
+                     f"({spec.source}) takes it as an argument, which Linux limits to 128 KiB; "
+                     "set prompt = \"stdin\" for that agent, or shorten the prompt")
+
+    def _check_env(self, i: int, spec: Any, config: ProjectConfig) -> bool:
+        """`env` entries that no process could be given (reported once per agent)."""
+        for key, value in spec.env.items():
+            if key and "=" not in key and "\0" not in key and "\0" not in value:
+                continue
+            if not key:
+                what = "has an empty variable name"
+            elif "=" in key or "\0" in key:
+                what = f"variable {key!r} has '=' or a NUL in its name"
+            else:
+                what = f"variable {key!r} has a NUL in its value"
+            where = f" in {config.path}" if config.path is not None else ""
+            self.add(("tasks", i, "agent"),
+                     f"agent '{spec.name}': the env of {spec.source}{where} {what}; names "
+                     "must be non-empty without '=' or NUL, values without NUL")
+            return True
+        return False
+
+
+def _output_problem(out: str, norm: str, output_dir: Path) -> str | None:
+    """A name the file system, or dispatch itself, would refuse at run time."""
+    bad = _CONTROL.search(out)
+    if bad is not None:
+        return (f"output {out!r} contains a control character ({bad.group()!r}); use "
+                "printable characters")
+    top = norm.split("/", 1)[0]
+    if (top in RESERVED_OUTPUTS or top.startswith(".dispatch")
+            or STAGED_NAME.match(posixpath.basename(norm))):
+        return (f"output '{out}' is reserved for dispatch's own files (reports, logs/, "
+                "state, staging); rename it")
+    for part in norm.split("/"):
+        if len(part.encode()) > MAX_NAME_BYTES:
+            return (f"output '{_clip(out)}': the name '{_clip(part)}' is "
+                    f"{len(part.encode()):,} bytes; each part of an output path is limited "
+                    f"to {MAX_NAME_BYTES} bytes (file names end at 255); shorten it")
+    if len(f"{output_dir}/{norm}".encode()) > MAX_PATH_BYTES:
+        return (f"output '{_clip(out)}' is too long: with the output dir it makes a path of "
+                f"{len(f'{output_dir}/{norm}'.encode()):,} bytes (at most {MAX_PATH_BYTES:,})")
+    return None
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _clip(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 class _SymlinkCheck:
@@ -356,6 +454,66 @@ class _SymlinkCheck:
         return None
 
 
+def _limit_message(kind: str, field: str, ctx: dict[str, Any], got: Any) -> str:
+    """Past one of model.py's upper bounds: say the bound, and what it means."""
+    if kind == "finite_number":
+        return f"'{field}' must be a finite number (got {_short(got)})"
+    if kind == "string_too_long":
+        return (f"'{field}' is {len(got):,} characters long; at most {ctx['max_length']} are "
+                "allowed (it names files, and file names end at 255 bytes)")
+    bound = ctx.get("le")
+    shown = f"{bound:,}" if isinstance(bound, int) else f"{bound:g}"
+    if field.rsplit(".", 1)[-1] in _MS_FIELDS:
+        shown += " ms (30 days)"
+    elif field.rsplit(".", 1)[-1] == "retry_backoff":
+        shown += " s (1 hour)"
+    return f"'{field}' must be ≤ {shown} (got {_short(got)})"
+
+
+_MS_FIELDS = ("timeout", "timeout_per_task", "idle_timeout")
+_FLAGS = {"max_parallel": "--max-parallel", "timeout_per_task": "--timeout",
+          "idle_timeout": "--idle-timeout", "max_cost_usd": "--max-cost"}
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_confined(path: Path, roots: Sequence[Path]) -> None:
+    """Refuse a task file that a symlink leads out of `roots`, before opening it.
+
+    A file whose path (as given, made absolute) lies under one of `roots` must
+    really be inside one of them once every symlink is resolved; a file under
+    none may itself be a symlink only into its own folder or a root. Symlinked
+    folders *above* a root (`/home` → `/var/home`) do not matter. Why: the daemon
+    runs as root and a PR controls the Action's checkout, so whoever can drop a
+    symlink must not make us read `/etc/shadow` or `/proc/self/environ` and quote it
+    back in an error. Nothing of a refused target is read; the error names only
+    where the link leads. (A link swapped between this check and the read is not
+    caught: that needs write access to the folder at that very moment.)
+    """
+    lexical = os.path.abspath(path)
+    real = os.path.realpath(path)
+    if real == lexical:
+        return  # no symlink anywhere on the way
+    folders = [(os.path.abspath(r), os.path.realpath(r)) for r in roots]
+    if any(_inside(real, r_real) for _, r_real in folders):
+        return
+    under = [r_lex for r_lex, r_real in folders
+             if _inside(lexical, r_lex) or _inside(lexical, r_real)]
+    if not under:
+        if not os.path.islink(lexical):
+            return  # only folders above it are links: the path was chosen as a whole
+        if _inside(real, os.path.realpath(os.path.dirname(lexical))):
+            return
+        under = [os.path.dirname(lexical)]
+    raise TaskFileError([Diagnostic(
+        str(path), None, None,
+        f"reached through a symlink that leads to {real}, outside {under[0]}; a task "
+        "file must really be in its project (a link may point only within it), so it "
+        "was not read. Copy the file in instead of linking to it")])

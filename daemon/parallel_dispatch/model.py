@@ -6,6 +6,7 @@ of a silently ignored setting.  Field constraints carry the user-facing limits.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
@@ -13,7 +14,31 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 OnFailure = Literal["continue", "stop", "retry"]
 InputsMode = Literal["none", "paths", "inline"]
 
-PositiveMs = Annotated[StrictInt, Field(gt=0)]
+# Upper bounds: a value past them is a mistake, and would otherwise pass validation
+# and fail at run time (a float overflow, a name the file system refuses, a backoff
+# that never ends).  README "Limits" lists them.
+MAX_TIMEOUT_MS = 30 * 24 * 3600 * 1000
+"""30 days: the longest `timeout`/`idle_timeout`; use it for 'practically none'."""
+MAX_PARALLEL = 10_000
+MAX_RETRIES = 100
+MAX_BACKOFF_S = 3600.0
+"""The base of the exponential backoff; `retry_backoff: .inf` would never retry."""
+MAX_ID_CHARS = 200
+"""Ids name files (`logs/<id>.log`, `<id>.failed.out`): file names end at 255 bytes."""
+MAX_NAME_BYTES = 200
+"""Each component of an output path: staging adds up to ~40 bytes to the last one."""
+MAX_PATH_BYTES = 4000
+"""The output's whole path, under Linux's PATH_MAX (4,096) with room for staging."""
+MAX_ARG_BYTES = 128 * 1024 - 1
+"""Linux refuses a single argument of 128 KiB or more (MAX_ARG_STRLEN, E2BIG)."""
+
+PositiveMs = Annotated[StrictInt, Field(gt=0, le=MAX_TIMEOUT_MS)]
+
+RESERVED_OUTPUTS = ("dispatch-report.md", "dispatch-report.json", "logs")
+"""Top-level names in the output dir that dispatch writes itself; so is every name
+starting with `.dispatch` (state, journal, staging, their temporary files)."""
+STAGED_NAME = re.compile(r"^\..+\.\d{8}T\d{6}Z-[0-9a-f]+\.\d+\.partial$")
+"""A staged file output (`.<name>.<run id>.<attempt>.partial`), removed after each run."""
 
 
 class _Strict(BaseModel):
@@ -23,7 +48,7 @@ class _Strict(BaseModel):
 class Settings(_Strict):
     """Per-file settings; every field is optional so precedence can fill the gaps."""
 
-    max_parallel: Annotated[StrictInt, Field(ge=1)] | None = Field(
+    max_parallel: Annotated[StrictInt, Field(ge=1, le=MAX_PARALLEL)] | None = Field(
         None, description="Maximum number of agents running at once.")
     timeout_per_task: PositiveMs | None = Field(
         None, description="Per-task timeout in milliseconds.")
@@ -32,11 +57,12 @@ class Settings(_Strict):
     on_failure: OnFailure | None = Field(
         None, description="continue: skip dependents; stop: cancel everything; retry: retry, "
         "then continue.")
-    max_retries: Annotated[StrictInt, Field(ge=0)] | None = Field(
+    max_retries: Annotated[StrictInt, Field(ge=0, le=MAX_RETRIES)] | None = Field(
         None, description="Retries per task under on_failure: retry (default 3).")
-    retry_backoff: Annotated[float, Field(ge=0)] | None = Field(
+    retry_backoff: Annotated[float, Field(ge=0, le=MAX_BACKOFF_S,
+                                          allow_inf_nan=False)] | None = Field(
         None, description="Base of the exponential retry backoff, in seconds (default 1).")
-    max_cost_usd: Annotated[float, Field(gt=0)] | None = Field(
+    max_cost_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
         None, description="Budget in USD: once the cost reported by the agents reaches it, "
         "no new task starts (running ones finish).")
     idle_timeout: PositiveMs | None = Field(
@@ -47,7 +73,8 @@ class Settings(_Strict):
 class Task(_Strict):
     """One agent invocation and the file or directory it produces."""
 
-    id: Annotated[StrictStr, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = Field(
+    id: Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS,
+                                   pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = Field(
         description="Unique task id: letters, digits, '.', '_' and '-'.")
     agent: Annotated[StrictStr, Field(min_length=1)] = Field(
         description="Agent name, resolved through .aiwg/dispatch.toml (or the built-in 'shell').")
@@ -61,7 +88,7 @@ class Task(_Strict):
     idle_timeout: PositiveMs | None = Field(
         None, description="Milliseconds this task's agent may print nothing before it is "
         "killed as 'stalled' (overrides settings).")
-    retries: Annotated[StrictInt, Field(ge=0)] | None = Field(
+    retries: Annotated[StrictInt, Field(ge=0, le=MAX_RETRIES)] | None = Field(
         None, description="Retries for this task, under any on_failure policy.")
     inputs: InputsMode | None = Field(
         None, description="How dependency outputs are appended to the prompt "

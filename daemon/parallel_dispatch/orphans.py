@@ -5,8 +5,11 @@ dispatcher.  Each dispatcher appends every spawn and every reaped group to
 `<project>/.aiwg/.dispatch-agents/<its pid>.log`.  At start the daemon (and
 the CLI) replay the files of dead dispatchers: each group still alive is
 killed if a member's `/proc/<pid>/environ` carries that run's
-`DISPATCH_RUN_ID`, which guards against a recycled pid.  Under systemd,
-`KillMode=control-group` already kills the whole cgroup; this covers the rest.
+`DISPATCH_RUN_ID`, which guards against a recycled pid.  Processes that left
+their agent's group (`setsid`) are found the same way: any process still
+carrying the `DISPATCH_RUN_ID` of a dead dispatcher's run is killed.  Under
+systemd, `KillMode=control-group` already kills the whole cgroup; this covers
+the rest.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import signal
 from pathlib import Path
 from typing import IO
 
-from .process import signal_group
+from .process import claim_orphans, signal_group, tagged
 
 log = logging.getLogger("parallel_dispatch")
 
@@ -75,6 +78,7 @@ class AgentRegistry:
     def __init__(self, project: Path) -> None:
         self.dir = project / REGISTRY_DIR
         self._file: IO[str] | None = None
+        claim_orphans()  # only dedicated dispatchers (CLI, daemon) keep a registry
 
     def _write(self, line: str) -> None:
         try:
@@ -107,6 +111,8 @@ class AgentRegistry:
             entries = sorted(self.dir.glob("*.log"))
         except OSError:
             return killed
+        runs: set[str] = set()
+        dead: list[Path] = []
         for entry in entries:
             try:
                 owner = int(entry.stem)
@@ -114,30 +120,43 @@ class AgentRegistry:
                 continue
             if owner == os.getpid() or _alive(owner):
                 continue  # its dispatcher is still looking after its agents
-            for pgid, run_id in _live_groups(entry).items():
+            live, seen = _replay(entry)
+            runs |= seen
+            for pgid, run_id in live.items():
                 if any(_runs_with(p, run_id) for p in _group_members(pgid)):
                     signal_group(pgid, signal.SIGKILL)
                     killed.append(pgid)
                     log.warning("killed orphaned agent process group %s (run %s)", pgid,
                                 run_id)
+            dead.append(entry)
+        # Escaped descendants (setsid) are in no recorded group: find them by run id.
+        for pid, marker in tagged(f"DISPATCH_RUN_ID={r}" for r in runs).items():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                log.warning("killed orphaned agent process %s (%s, escaped its group)", pid,
+                            marker.partition("=")[2])
+        for entry in dead:
             entry.unlink(missing_ok=True)
         return killed
 
 
-def _live_groups(path: Path) -> dict[int, str]:
-    """Replay a registry file: groups spawned and not yet reaped."""
+def _replay(path: Path) -> tuple[dict[int, str], set[str]]:
+    """Groups spawned and not yet reaped, and every run id the file names."""
     live: dict[int, str] = {}
+    runs: set[str] = set()
     try:
         lines = path.read_text().splitlines()
-    except OSError:
-        return live
+    except (OSError, UnicodeDecodeError):
+        return live, runs
     for line in lines:
         parts = line.split()
         try:
             if len(parts) == 3 and parts[0] == "+":
                 live[int(parts[1])] = parts[2]
+                runs.add(parts[2])
             elif len(parts) == 2 and parts[0] == "-":
                 live.pop(int(parts[1]), None)
         except ValueError:
             continue
-    return live
+    return live, runs

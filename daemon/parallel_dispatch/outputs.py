@@ -6,22 +6,30 @@ directory output is staged in `<output_dir>/.dispatch/staging/<run>/<task>.<n>/`
 and swapped in whole.  Whatever sits at an output path is therefore always a
 complete, successful result.  On failure the partial output moves to
 `logs/<task>.failed.out` (or `.failed/`) for debugging, and the previous
-successful output, if any, stays untouched.
+successful output, if any, stays untouched.  A failed file output is kept only
+up to `KEEP_FAILED_BYTES` (cut there), and not at all when the disk holding it
+is full: a runaway agent that filled the disk must not keep it full.
+
+Staging folders left by a run that crashed are removed when the next run on the
+same output dir starts (`clean_stale_staging`).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from .atomic import remove_path, replace_path
+from .model import STAGED_NAME as _PARTIAL
 from .spec import STDOUT_FILE_IN_DIR, DispatchSpec
 
 STAGING_DIR = ".dispatch/staging"
-_PARTIAL = re.compile(r"^\..+\.\d{8}T\d{6}Z-[0-9a-f]+\.\d+\.partial$")
+KEEP_FAILED_BYTES = 16 * 2**20
+"""The most of a failed file output kept under logs/ (its beginning)."""
+LOW_SPACE_BYTES = 1 * 2**20
+"""Below this much free space the disk counts as full: failed outputs are dropped."""
 
 
 def open_creating_dirs(path: Path, mode: str = "wb") -> IO[bytes]:
@@ -74,19 +82,49 @@ class Staging:
         if self.is_directory:
             remove_path(self.root)
 
-    def discard(self) -> None:
-        """Keep a failed attempt's partial output under logs/ and drop the rest."""
-        has_output = self.target.exists() and (
-            (self.target.is_dir() and any(self.target.iterdir()))
-            or (self.target.is_file() and self.target.stat().st_size > 0)
-        )
-        if has_output:
-            self.failed.parent.mkdir(parents=True, exist_ok=True)
-            replace_path(self.target, self.failed, durable=False)
-        else:
+    def discard(self) -> str | None:
+        """Keep a failed attempt's partial output under logs/ and drop the rest.
+
+        Returns a note for the task's error when the output was cut or dropped.
+        Never raises: a failure while cleaning up must not hide the task's own.
+        """
+        note = None
+        try:
+            has_output = self.target.exists() and (
+                (self.target.is_dir() and any(self.target.iterdir()))
+                or (self.target.is_file() and self.target.stat().st_size > 0)
+            )
+            if has_output and disk_full(self.target.parent):
+                note = ("its partial output was deleted, not kept under logs/: the disk "
+                        "holding the output dir is full")
+                has_output = False
+            elif has_output and self.target.is_file():
+                size = self.target.stat().st_size
+                if size > KEEP_FAILED_BYTES:
+                    os.truncate(self.target, KEEP_FAILED_BYTES)
+                    note = (f"its partial output ({size:,} bytes) is kept under logs/ cut to "
+                            f"its first {KEEP_FAILED_BYTES // 2**20} MiB")
+            if has_output:
+                try:
+                    self.failed.parent.mkdir(parents=True, exist_ok=True)
+                    replace_path(self.target, self.failed, durable=False)
+                except OSError:
+                    note = "its partial output could not be kept under logs/ and was deleted"
             remove_path(self.target)
-        if self.is_directory:
-            remove_path(self.root)
+            if self.is_directory:
+                remove_path(self.root)
+        except OSError:
+            pass
+        return note
+
+
+def disk_full(folder: Path) -> bool:
+    """Whether the file system holding `folder` is (nearly) out of space."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < LOW_SPACE_BYTES
 
 
 def staging_for(spec: DispatchSpec, index: int, run_id: str, attempt: int) -> Staging:
@@ -121,3 +159,24 @@ def clean_staging(spec: DispatchSpec, run_id: str) -> None:
             continue
         for path in stale:
             remove_path(Path(path))
+
+
+def clean_stale_staging(output_dir: Path, keep: frozenset[str] = frozenset()) -> None:
+    """Remove staging folders of runs that are over (crashed, or killed outright).
+
+    The caller knows no other run is using `output_dir` (see `api.run_spec`), or
+    names the runs to spare in `keep`.
+    """
+    base = output_dir / STAGING_DIR
+    try:
+        with os.scandir(base) as entries:
+            stale = [Path(e.path) for e in entries if e.name not in keep]
+    except OSError:
+        return
+    for path in stale:
+        remove_path(path)
+    for p in (base, base.parent):
+        try:
+            p.rmdir()
+        except OSError:
+            break

@@ -19,6 +19,7 @@ import trio
 from .events import CAUSES, Activity, AgentEvent
 from .fmt import plural
 from .incremental import Reuse
+from .model import MAX_BACKOFF_S
 from .plan import Plan
 from .progress import NullProgress, Progress
 from .result import VERBS, RunResult, TaskRecord
@@ -89,6 +90,9 @@ class Scheduler:
         """Credential key → the task whose provider rejected those credentials."""
         self._blocked: dict[int, str] = {}
         """Attempts cancelled because their runner's credentials were rejected."""
+        self._finished = False
+        """The loop ran to its end (False: cancelled from outside, or a runner raised)."""
+        self._closed = False
 
     # -- public control -----------------------------------------------------------
     def interrupt(self, why: str = "run interrupted") -> None:
@@ -104,8 +108,29 @@ class Scheduler:
 
     # -- the loop -------------------------------------------------------------------
     async def run(self) -> RunResult:
+        """Run the spec to the end and return the result, every record settled.
+
+        Cancellation contract: `run` may be cancelled from outside (an enclosing
+        `trio.move_on_after`, a caller's nursery).  Running attempts are then
+        cancelled like on `interrupt()` (each runner kills what it started), and
+        before `trio.Cancelled` propagates every record is settled: an attempt cut
+        off becomes `cancelled`, a retry waiting out its backoff keeps its last
+        failure, tasks not started become `skipped`, and `result.interrupted` is set.
+        So whatever the caller writes in its own `finally` (the reports) holds only
+        the statuses of the contract, never `running` or `pending`.  The same holds
+        when a runner's bug escapes as an exception.
+        """
         send, recv = trio.open_memory_channel[_Finished | _RetryDue](math.inf)
         self._t0 = trio.current_time()
+        try:
+            await self._loop(send, recv)
+        finally:
+            self._close_leftovers()
+            self.result.wall_s = trio.current_time() - self._t0
+        return self.result
+
+    async def _loop(self, send: trio.MemorySendChannel[_Finished | _RetryDue],
+                    recv: trio.MemoryReceiveChannel[_Finished | _RetryDue]) -> None:
         running = 0
         async with trio.open_nursery() as nursery:
             while True:
@@ -131,9 +156,7 @@ class Scheduler:
                     continue
                 running -= 1
                 self._handle(msg, nursery, send)
-        self._close_leftovers()
-        self.result.wall_s = trio.current_time() - self._t0
-        return self.result
+        self._finished = True
 
     def _run_instantly(self, i: int, run_now: Callable[[Job], Outcome]) -> _Finished:
         """Runners that finish at once (`run_now`) need no task, slot or deadline."""
@@ -369,8 +392,8 @@ class Scheduler:
             self._done(dep)
 
     def _backoff(self, i: int, attempt: int) -> float:
-        """Exponential backoff with full jitter on top: base·2^(n-1) · [1, 2)."""
-        base = self.spec.settings.retry_backoff * (2 ** (attempt - 1))
+        """Exponential backoff with full jitter on top: min(base·2^(n-1), 1 h) · [1, 2)."""
+        base = min(self.spec.settings.retry_backoff * (2 ** (attempt - 1)), MAX_BACKOFF_S)
         return base * (1 + self.rng.random())
 
     async def _sleep_then_retry(self, i: int, delay: float, scope: trio.CancelScope,
@@ -386,6 +409,33 @@ class Scheduler:
         self._done(rec)
 
     def _close_leftovers(self) -> None:
+        """Give every record not yet finished its final status (idempotent).
+
+        After a normal end only tasks never started remain.  When `run` was cancelled
+        from outside (or a runner raised), attempts may have been cut off mid-flight
+        and retries left waiting: see the contract in `run`'s docstring.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if not self._finished:
+            self.result.interrupted = True
+            if self._stopping is None:
+                self._stopping = "the run was cancelled by its caller"
+            for i in list(self._backoffs):
+                self._backoffs.pop(i).cancel()
+                self._finish_record(i)
+            now = self._now()
+            for i, start in list(self._started.items()):
+                rec = self.records[i]
+                self._started.pop(i)
+                if rec.status != "running":
+                    continue
+                rec.status = "cancelled"
+                rec.error = f"cancelled: {self._stopping}"
+                rec.end_s = now
+                rec.busy_s += now - start
+                self._done(rec)  # its dependents are drained below, as not started
         if self._budget_note is not None:
             budget = self.spec.settings.max_cost_usd
             self.result.notes.append(

@@ -16,6 +16,7 @@ rather than blocking work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tomllib
@@ -37,6 +38,8 @@ class State:
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: dict[str, Any] = field(default_factory=dict)
     _journal: IO[str] | None = None
+    error: OSError | None = None
+    """Why journaling stopped (a full disk): the snapshot at `save` still has it all."""
 
     @property
     def journal_path(self) -> Path:
@@ -85,10 +88,18 @@ class State:
         return entry if isinstance(entry, dict) else {}
 
     def _append(self, entry: dict[str, Any]) -> None:
+        """Journal one change.  A write that fails (ENOSPC) stops the journal rather than
+        the run: the state is a cache, and `save` writes everything kept in memory."""
         if self._journal is None:
             return
-        self._journal.write(json.dumps(entry, separators=(",", ":")) + "\n")
-        self._journal.flush()
+        try:
+            self._journal.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self._journal.flush()
+        except OSError as exc:
+            self.error = exc
+            journal, self._journal = self._journal, None
+            with contextlib.suppress(OSError):
+                journal.close()
 
     def record(self, task_id: str, **fields: Any) -> None:
         """Update a task's entry (journaled while a run is open)."""

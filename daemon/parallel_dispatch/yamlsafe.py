@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,8 +280,10 @@ class _Builder:
             return value
         try:
             return construct(self._constructor, yaml.ScalarNode(tag, value))
-        except (ValueError, yaml.YAMLError):
-            self._error(event, f"invalid {tag.rsplit(':', 1)[-1]} value {value!r}")
+        except Exception:  # PyYAML's constructors assume the resolver's regexp matched:
+            # `!!int` on an empty value is an IndexError, `!!timestamp` an AttributeError.
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            self._error(event, f"invalid {tag.rsplit(':', 1)[-1]} value {shown!r}")
             return value
 
 
@@ -351,25 +354,67 @@ def _whole_file(file: str, message: str) -> TaskFileError:
 
 
 def load_yaml(path: Path, display: str | None = None) -> Document:
-    """Load one YAML document from `path`, refusing anything unsafe or oversized."""
+    """Load one YAML document from `path`, refusing anything unsafe or oversized.
+
+    Only a regular file is read (a device such as `/dev/zero` reports size 0 and
+    never ends; a FIFO could block forever), and never more than `MAX_FILE_BYTES`
+    whatever its size claims (`/proc` files report 0 too).
+    """
     file = display or str(path)
     try:
-        size = os.stat(path).st_size
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; regular files ignore it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise _whole_file(file, "file not found") from None
+    except IsADirectoryError:
+        raise _whole_file(file, "is a directory, not a task file") from None
     except OSError as exc:
         raise _whole_file(file, f"cannot read: {exc.strerror}") from None
-    if size > MAX_FILE_BYTES:
-        raise TaskFileError([Diagnostic(
-            file, None, None,
-            f"file is {size / 2**20:.0f} MiB; task files are limited to "
-            f"{MAX_FILE_BYTES // 2**20} MiB — split it into several files",
-        )])
     try:
-        text = path.read_bytes()
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise _whole_file(file, "is a directory, not a task file")
+        if not stat.S_ISREG(info.st_mode):
+            raise _whole_file(file, f"is not a regular file (it is {_kind(info.st_mode)}); "
+                                    "give the path of a YAML file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise _too_big(file, info.st_size)
+        chunks: list[bytes] = []
+        left = MAX_FILE_BYTES + 1
+        want = info.st_size + 1 if info.st_size else 1 << 16  # one read for a real file
+        while left > 0 and (chunk := os.read(fd, min(left, want))):
+            chunks.append(chunk)
+            left -= len(chunk)
+            want = 1 << 20
+        text = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     except OSError as exc:
         raise _whole_file(file, f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(text) > MAX_FILE_BYTES:
+        raise _too_big(file, None)
     return parse_yaml(text, file)
+
+
+def _too_big(file: str, size: int | None) -> TaskFileError:
+    how = (f"is {size / 2**20:.0f} MiB" if size is not None
+           else f"is over {MAX_FILE_BYTES // 2**20} MiB")
+    return TaskFileError([Diagnostic(
+        file, None, None,
+        f"file {how}; task files are limited to {MAX_FILE_BYTES // 2**20} MiB — split it "
+        "into several files")])
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a file"
 
 
 def parse_yaml(text: bytes | str, file: str) -> Document:

@@ -7,6 +7,7 @@ file descriptor pointing straight at the staged output, stderr at the task log.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -17,15 +18,15 @@ from typing import IO
 
 import trio
 
+from ..agent_env import agent_environment, expand_references
 from ..events import Activity
+from ..fmt import plural
 from ..inputs import compose_prompt, inputs_env
+from ..model import MAX_ARG_BYTES
 from ..orphans import AgentRegistry
 from ..outputs import Staging, open_creating_dirs, staging_for
 from ..process import KILL_GRACE_S, run_in_group
 from .base import Job, Outcome
-
-CHILD_ENV_DROP = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
-"""systemd hands these to the daemon alone; an agent must not ping the watchdog."""
 
 
 class CommandRunner:
@@ -35,10 +36,10 @@ class CommandRunner:
 
     def __init__(self, base_env: Mapping[str, str] | None = None,
                  grace: float = KILL_GRACE_S, registry: AgentRegistry | None = None) -> None:
-        env = dict(os.environ if base_env is None else base_env)
-        for key in CHILD_ENV_DROP:
-            env.pop(key, None)
-        self.base_env = env
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        """The user's environment as given, deny-list included: presets share it, and
+        `${NAME}` in an agent's `env` refers to it. Agents get `env()`, never this."""
+        self._inherited = agent_environment(self.base_env)
         self.grace = grace
         self.registry = registry
         self._described: dict[tuple[tuple[str, ...], str], str] = {}
@@ -57,8 +58,15 @@ class CommandRunner:
         return argv
 
     def env(self, job: Job, output: Path) -> dict[str, str]:
-        env = dict(self.base_env)
-        env.update(job.agent.env)
+        """What the agent runs with (README, "What an agent's environment holds"): the
+        user's environment minus the deny-list (`agent_env.py`), the agent's `env`, then
+        the DISPATCH_* variables."""
+        agent = job.agent
+        env = dict(self._inherited)
+        env.update(expand_references(agent.env, self.base_env))
+        key = agent.api_key_env  # naming the key's variable is as explicit as `env`
+        if key and key not in agent.env and key in self.base_env:
+            env[key] = self.base_env[key]
         env.update({
             "DISPATCH_TASK_ID": job.task.id,
             "DISPATCH_AGENT": job.task.agent,
@@ -95,22 +103,33 @@ class CommandRunner:
 
     async def run(self, job: Job) -> Outcome:
         staging = staging_for(job.spec, job.index, job.run_id, job.attempt)
-        staging.create(agent_writes=job.agent.output_mode == "file")
         try:
+            staging.create(agent_writes=job.agent.output_mode == "file")
             outcome = await self._run(job, staging)
+            if outcome.ok:
+                staging.promote()
+        except OSError as exc:  # the output dir filled up, went read-only, ran out of fds
+            outcome = Outcome(ok=False, error=io_error_message(exc, job),
+                              retryable=is_transient(exc))
         except BaseException:
             staging.discard()
             raise
-        if outcome.ok:
-            staging.promote()
-        else:
-            staging.discard()
+        if not outcome.ok:
+            note = staging.discard()
+            if note:
+                outcome.error = f"{outcome.error}; {note}" if outcome.error else note
         return outcome
 
     async def _run(self, job: Job, staging: Staging) -> Outcome:
         prompt = compose_prompt(job.spec, job.index)
         argv = self.argv(job, staging.target, prompt)
         stdin = b"" if job.agent.prompt_mode == "arg" else prompt.encode("utf-8")
+        if _is_builtin_shell(job) and len(prompt.encode()) > MAX_ARG_BYTES:
+            # Linux refuses one argument of 128 KiB or more (E2BIG): run it from a file.
+            script = staging.root / "script.sh"
+            script.parent.mkdir(parents=True, exist_ok=True)
+            script.write_text(prompt, encoding="utf-8")
+            argv = [argv[0], str(script)]
         with open_creating_dirs(job.log_path, "wb" if job.attempt == 1 else "ab") as log:
             log.write(_header(job, argv).encode())
             log.flush()
@@ -124,20 +143,26 @@ class CommandRunner:
             # output = "file": the agent writes {output} itself; its stdout joins the log.
             to_file = job.agent.output_mode == "stdout"
             with staging.open_stdout() if to_file else _nullcontext(log) as out:
-                try:
-                    async with trio.open_nursery() as nursery:
-                        if job.activity is not None and job.activity.idle_s is not None:
-                            nursery.start_soon(_watch_growth, job.activity, out, log)
+                failed: OSError | None = None
+                async with trio.open_nursery() as nursery:
+                    if job.activity is not None and job.activity.idle_s is not None:
+                        nursery.start_soon(_watch_growth, job.activity, out, log)
+                    try:  # inside the nursery, or the error reaches us wrapped in a group
                         result = await run_in_group(
                             argv, cwd=str(job.spec.root), env=env,
                             stdin=stdin, stdout=out, stderr=log, grace=self.grace,
                             **self._registry_hooks(job))
-                        nursery.cancel_scope.cancel()
-                except OSError as exc:
-                    msg = f"cannot start '{argv[0]}': {exc.strerror or exc}"
+                    except OSError as exc:
+                        failed = exc
+                    nursery.cancel_scope.cancel()
+                if failed is not None:
+                    msg = f"cannot start '{argv[0]}': {io_error_message(failed, job)}"
                     log.write(f"error: {msg}\n".encode())
-                    return Outcome(ok=False, error=msg, retryable=False)
+                    return Outcome(ok=False, error=msg, retryable=is_transient(failed))
             log.write(f"=== exit code {result.returncode}\n".encode())
+        if result.survivors:  # they may still write: this output must not be promoted
+            return Outcome(ok=False, exit_code=result.returncode, pid=result.pid,
+                           retryable=False, error=_survivors_message(result.survivors))
         if result.returncode != 0:
             return Outcome(ok=False, exit_code=result.returncode, pid=result.pid,
                            error=_exit_message(result.returncode))
@@ -174,6 +199,44 @@ def _header(job: Job, argv: list[str]) -> str:
     shown = [a if len(a) <= 200 else a[:200] + "…" for a in argv]
     return (f"=== {stamp} run {job.run_id} task {job.task.id} attempt {job.attempt}\n"
             f"=== argv: {shown}\n")
+
+
+def _is_builtin_shell(job: Job) -> bool:
+    agent = job.agent
+    return agent.source == "built-in" and agent.command == ("/bin/sh", "-c")
+
+
+def is_transient(exc: OSError) -> bool:
+    """Out of file descriptors or processes: the same attempt may work a moment later."""
+    return exc.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM)
+
+
+def io_error_message(exc: OSError, job: Job) -> str:
+    """An OSError as a user reads it: what failed, and what to do."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    text = f"{exc.strerror or exc}{where}"
+    if exc.errno == errno.E2BIG:
+        return (f"{text}: the command line is too long (one argument is limited to 128 KiB); "
+                f"set prompt = \"stdin\" for agent '{job.task.agent}' ({job.agent.source})")
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return (f"{text}: out of file descriptors (ulimit -n is {soft}); raise it or lower "
+                "max_parallel")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{text}: the disk holding the output dir is full; free some space"
+    if exc.errno == errno.EROFS:
+        return f"{text}: the output dir is on a read-only file system; choose another"
+    return text
+
+
+def _survivors_message(pids: list[int]) -> str:
+    shown = ", ".join(map(str, pids[:10]))
+    return (f"{plural(len(pids), 'process', 'processes')} the agent started could not be "
+            f"killed (pids {shown}; "
+            "stuck in the kernel?); the output was not promoted, since they could still "
+            "write to it")
 
 
 def _exit_message(code: int) -> str:

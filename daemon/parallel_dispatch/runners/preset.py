@@ -34,7 +34,7 @@ from ..inputs import compose_prompt
 from ..outputs import Staging, open_creating_dirs, staging_for
 from ..process import Exit, run_in_group
 from .base import Job, Outcome
-from .command import CommandRunner, _exit_message, _header
+from .command import CommandRunner, _exit_message, _header, _survivors_message
 from .stream import LogBudget, pipe, pump
 
 StreamName = Literal["stdout", "stderr"]
@@ -344,6 +344,11 @@ class PresetRunner(CommandRunner):
                     return Outcome(ok=False, error=msg, retryable=False)
             stdout = capture.read_bytes()
             log.write(f"=== exit code {result.returncode}\n".encode())
+            if result.survivors:  # nothing may outlive its task, even unpromotable
+                msg = f"{self.name} runner: {_survivors_message(result.survivors)}"
+                log.write(f"error: {msg}\n".encode())
+                return Outcome(ok=False, exit_code=result.returncode, pid=result.pid,
+                               error=msg, retryable=False)
             if watcher.fatal is not None:
                 ev = watcher.fatal
                 parsed = Parsed(ok=False, error=ev.text, cause=ev.cause, retryable=False,

@@ -1,0 +1,201 @@
+"""Issue 9, items 10 and 15: no agent process outlives its task, and a cancelled run settles.
+
+An agent's child that calls `setsid` leaves the agent's process group, so the group kill
+misses it.  These tests run real agents that do exactly that and keep writing: to their
+inherited stdout (the staged output file) and to `$DISPATCH_OUTPUT`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from parallel_dispatch.api import run_spec
+from parallel_dispatch.loader import load_spec
+from support import Project, cli_env, pid_alive, wait_until
+
+WAIT = 30.0
+
+
+@pytest.fixture(autouse=True)
+def _kill_escapees(project: Project):  # type: ignore[no-untyped-def]
+    """Whatever a test asserts, leave no escapee running on the machine."""
+    yield
+    pidfile = project.root / "escapee.pid"
+    with contextlib.suppress(ValueError, OSError):
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+ESCAPEE = """\
+echo $$ > "$1"
+while :; do echo leak; echo leak >> "$2"; sleep 0.02; done
+"""
+
+
+def _escapee_task(project: Project, pidfile: Path, *, clear_env: bool = False,
+                  linger: str = "sleep 0.3", extra: str = "") -> str:
+    """A shell task whose agent starts a `setsid` child that writes forever, then exits.
+
+    The child writes to its stdout (the staged output file it inherited) and appends to
+    `$DISPATCH_OUTPUT` by name."""
+    script = project.write("escapee.sh", ESCAPEE)
+    env_i = "env -i PATH=/usr/bin:/bin " if clear_env else ""
+    return f"""\
+        tasks:
+          - id: leaky
+            agent: shell
+            output: out.txt{extra}
+            prompt: |
+              {env_i}setsid sh {script} {pidfile} "$DISPATCH_OUTPUT" &
+              while [ ! -s {pidfile} ]; do sleep 0.01; done
+              {linger}
+              echo done
+    """
+
+
+def _output_settles(path: Path) -> tuple[str, str]:
+    """The output when the run ended and a while later (an escapee would keep writing)."""
+    first = path.read_text()
+    time.sleep(0.5)
+    return first, path.read_text()
+
+
+def test_setsid_child_is_killed_before_the_output_is_promoted(project: Project) -> None:
+    pidfile = project.root / "escapee.pid"
+    project.write("t.yaml", _escapee_task(project, pidfile))
+    proc = project.run("t.yaml")
+    assert proc.returncode == 0, proc.stderr
+    escapee = int(pidfile.read_text())
+    out_dir = project.root / ".aiwg/working"
+    first, later = _output_settles(out_dir / "out.txt")
+    assert not pid_alive(escapee), "the setsid child outlived the dispatcher"
+    assert first == later, "something kept writing into the promoted output"
+    assert "done\n" in first  # (the escapee may write until it is killed, before promotion)
+    assert not [p.name for p in out_dir.iterdir() if p.name.endswith(".partial")]
+
+
+def test_setsid_child_with_a_cleared_environment_is_killed_at_run_end(
+        project: Project) -> None:
+    """Without the env marker, the dispatcher (a child subreaper) still finds it: the
+    escapee is re-parented to it when the agent dies, and nothing else runs at run end."""
+    pidfile = project.root / "escapee.pid"
+    project.write("t.yaml", _escapee_task(project, pidfile, clear_env=True))
+    proc = project.run("t.yaml")
+    assert proc.returncode == 0, proc.stderr
+    escapee = int(pidfile.read_text())
+    first, later = _output_settles(project.root / ".aiwg/working/out.txt")
+    assert not pid_alive(escapee)
+    assert first == later
+
+
+def test_escapee_of_a_killed_dispatcher_is_killed_at_the_next_start(project: Project) -> None:
+    pidfile = project.root / "escapee.pid"
+    project.write("t.yaml", _escapee_task(project, pidfile, linger="sleep 600"))
+    cli = subprocess.Popen([sys.executable, "-m", "parallel_dispatch", "-q", "t.yaml"],
+                           cwd=project.root, env=cli_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "", WAIT)
+        escapee = int(pidfile.read_text())
+    finally:
+        cli.send_signal(signal.SIGKILL)
+        cli.wait()
+    try:
+        assert pid_alive(escapee)  # outlived its dispatcher: nobody killed it yet
+        project.write("other.yaml", """\
+            tasks:
+              - {id: a, agent: shell, prompt: "echo hi", output: a.txt}
+        """)
+        proc = project.run("other.yaml")
+        assert proc.returncode == 0, proc.stderr
+        assert wait_until(lambda: not pid_alive(escapee), 10)
+    finally:
+        if pid_alive(escapee):
+            os.kill(escapee, signal.SIGKILL)
+
+
+def test_no_agent_process_survives_a_timeout(project: Project) -> None:
+    """The deadline path: the agent is cancelled, its escapee must die with it."""
+    pidfile = project.root / "escapee.pid"
+    project.write("t.yaml", _escapee_task(project, pidfile, linger="sleep 600",
+                                             extra="\n            timeout: 1500"))
+    proc = project.run("t.yaml")
+    assert proc.returncode == 1, proc.stderr
+    escapee = int(pidfile.read_text())
+    assert not pid_alive(escapee)
+    assert not (project.root / ".aiwg/working/out.txt").exists()
+    failed = project.root / ".aiwg/working/logs/leaky.failed.out"
+    first, later = _output_settles(failed)
+    assert first == later
+
+
+def _zombie_children() -> list[int]:
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as fh:
+            for pid in fh.read().split():
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as st:
+                    if st.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        out.append(int(pid))
+    return out
+
+
+def test_in_process_run_kills_escapees_and_leaves_no_zombie(project: Project) -> None:
+    """As a subreaper the dispatcher adopts its agents' orphans: it must also reap them."""
+    pidfile = project.root / "escapee.pid"
+    project.write("t.yaml", _escapee_task(project, pidfile).replace(
+        "echo done", "sleep 30 & echo done"))  # a group member still running at exit
+    spec = load_spec(project.root / "t.yaml", cwd=project.root)
+    result = trio.run(lambda: run_spec(spec))
+    assert result.status == "succeeded", [r.error for r in result.records]
+    assert not pid_alive(int(pidfile.read_text()))
+    assert _zombie_children() == []
+
+
+# -- item 15: a run cancelled from outside still settles every task -------------------------
+def test_cancelled_run_spec_reports_no_running_or_pending_task(project: Project) -> None:
+    project.write("t.yaml", """\
+        tasks:
+          - {id: slow, agent: shell, prompt: "sleep 600", output: slow.txt}
+          - {id: after, agent: shell, prompt: "echo hi", output: after.txt,
+             dependencies: [slow]}
+          - {id: quick, agent: shell, prompt: "echo hi", output: quick.txt}
+    """)
+    spec = load_spec(project.root / "t.yaml", cwd=project.root)
+
+    async def main() -> None:
+        with trio.move_on_after(3):
+            await run_spec(spec)
+
+    trio.run(main)
+    report = json.loads((project.root / ".aiwg/working/dispatch-report.json").read_text())
+    statuses = {t["id"]: t["status"] for t in report["tasks"]}
+    assert statuses == {"slow": "cancelled", "after": "skipped", "quick": "succeeded"}, statuses
+    assert report["status"] != "running"
+
+
+@pytest.mark.parametrize("where", ["waiting", "backoff"])
+def test_cancel_while_queued_or_in_backoff_settles(project: Project, where: str) -> None:
+    body = ("- {id: a, agent: shell, prompt: 'exit 3', output: a.txt, retries: 5}\n"
+            if where == "backoff" else
+            "- {id: a, agent: shell, prompt: 'sleep 600', output: a.txt}\n"
+            "  - {id: b, agent: shell, prompt: 'sleep 600', output: b.txt}\n")
+    project.write("t.yaml", "settings: {max_parallel: 1, retry_backoff: 600}\ntasks:\n  " + body)
+    spec = load_spec(project.root / "t.yaml", cwd=project.root)
+
+    async def main() -> None:
+        with trio.move_on_after(2):
+            await run_spec(spec)
+
+    trio.run(main)
+    report = json.loads((project.root / ".aiwg/working/dispatch-report.json").read_text())
+    assert {t["status"] for t in report["tasks"]} <= {"cancelled", "skipped", "failed"}, report
