@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from github_stub import BOT_LOGIN, MAX_BODY, GitHubStub
-from parallel_dispatch import github as gh
+from parallel_dispatch.github import comment as gh
 from test_workflow_commands import parse_command, parse_output_file, runner_acts_on
 
 REPO = "octo/widgets"
@@ -351,7 +351,7 @@ def test_summary_is_cut_by_section_when_the_file_is_nearly_full(
 ) -> None:
     """The step-summary budget is what earlier steps left; long sections are cut, fences
     closed, short sections kept."""
-    from parallel_dispatch import action, workflow_commands
+    from parallel_dispatch.github import action, workflow_commands
 
     summary = tmp_path / "summary"
     summary.write_bytes(b"x" * (workflow_commands.SUMMARY_LIMIT_BYTES - 50_000))

@@ -367,7 +367,7 @@ def load_spec(path, **kw):
         Path({str(project.root / 'slow-done')!r}).touch()
     return _real(path, **kw)
 loader.load_spec = load_spec
-import parallel_dispatch.daemon as daemon
+import parallel_dispatch.service.daemon as daemon
 daemon.load_spec = load_spec
 """)
     sock_dir = tmp_path_factory.mktemp("notify")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from github_stub import BOT_LOGIN, GitHubStub
-from parallel_dispatch import github as gh
+from parallel_dispatch.github import comment as gh
 
 REPO = "octo/widgets"
 PR = 7

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel_dispatch.commands import starter_config
+from parallel_dispatch.cli.commands import starter_config
 from preset_support import FAKE_BIN, AgentProject, make_agent_project
 from support import Project
 

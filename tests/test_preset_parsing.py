@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from parallel_dispatch.config import RUNNER_NAMES
 from parallel_dispatch.events import AgentEvent
+from parallel_dispatch.presets import PRESETS, RUNNER_NAMES, accepts_model, model_family
 from parallel_dispatch.runners.claude import ClaudeRunner
 from parallel_dispatch.runners.codex import CodexRunner, classify, reset_after
 from parallel_dispatch.runners.gemini import GeminiRunner
 from parallel_dispatch.runners.llm import LlmRunner
 from parallel_dispatch.runners.opencode import OpencodeRunner, tool_permissions
-from parallel_dispatch.runners.preset import Call, json_object, model_family, toml_string
-from parallel_dispatch.runners.registry import PRESETS, accepts_model
+from parallel_dispatch.runners.preset import Call, json_object, toml_string
+from parallel_dispatch.runners.registry import RUNNERS
 
 
 class _Job:
@@ -55,7 +55,7 @@ def test_model_families_keep_claude_aliases_away_from_other_tools() -> None:
 
 
 def test_registry_covers_every_configurable_runner() -> None:
-    assert tuple(PRESETS) == RUNNER_NAMES
+    assert tuple(PRESETS) == tuple(RUNNERS) == RUNNER_NAMES
 
 
 def test_json_object_tolerates_a_warning_before_the_payload() -> None:

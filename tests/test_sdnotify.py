@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from parallel_dispatch.sdnotify import (
+from parallel_dispatch.service.sdnotify import (
     NOTIFY_ENV_KEYS,
     Notifier,
     clean_child_env,
@@ -150,7 +150,7 @@ def test_real_subprocess_notifies_from_its_own_pid(receiver: Receiver) -> None:
     """Cross-process, as under systemd: the child finds the socket in its environment."""
     script = textwrap.dedent(
         """
-        from parallel_dispatch.sdnotify import Notifier
+        from parallel_dispatch.service.sdnotify import Notifier
         n = Notifier(unset_environment=True)
         import os
         assert "NOTIFY_SOCKET" not in os.environ

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel_dispatch import workflow_commands as wc
+from parallel_dispatch.github import workflow_commands as wc
 
 TRICKY = [
     "plain",

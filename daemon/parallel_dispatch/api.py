@@ -32,7 +32,7 @@ from .outputs import clean_staging, clean_stale_staging
 from .process import sweep_run
 from .progress import NullProgress, Progress
 from .report import REPORT_JSON, REPORT_MD, to_json, to_markdown, write_reports
-from .result import COUNTED, PROBLEMS, RunResult, TaskRecord
+from .result import COUNTED, PROBLEMS, RunResult, RunStatus, TaskRecord, TaskStatus
 from .runners import DryRunRunner, Runner, RunnerSet
 from .scheduler import Scheduler
 from .spec import DispatchSpec
@@ -132,8 +132,8 @@ async def run_spec(
 
 def _mark_planned(result: RunResult) -> None:
     for rec in result.records:
-        if rec.status == "succeeded":
-            rec.status = "planned"
+        if rec.status == TaskStatus.SUCCEEDED:
+            rec.status = TaskStatus.PLANNED
         rec.start_s = rec.end_s = None
         rec.busy_s = 0.0
     result.wall_s = 0.0
@@ -143,8 +143,8 @@ def _recorder(result: RunResult, state: State) -> Callable[[TaskRecord], None]:
     """Record each finished task in the state as it finishes (journaled: crash safety)."""
 
     def record(rec: TaskRecord) -> None:
-        if rec.status == "succeeded":
-            state.record(rec.id, duration_s=round(rec.busy_s, 3), status="succeeded",
+        if rec.status == TaskStatus.SUCCEEDED:
+            state.record(rec.id, duration_s=round(rec.busy_s, 3), status=rec.status,
                          finished_run=result.run_id)
         elif rec.status in PROBLEMS:
             state.record(rec.id, status=rec.status, finished_run=result.run_id)
@@ -176,7 +176,7 @@ def _open_output_dir(spec: DispatchSpec, state: State, result: RunResult) -> Non
     if not _run_in_progress(state):
         clean_stale_staging(out)  # folders a crashed run left behind
     state.runs = {"run_id": result.run_id, "started_at": result.started_at,
-                  "status": "running", "task_file": str(spec.path),
+                  "status": RunStatus.RUNNING, "task_file": str(spec.path),
                   "task_file_hash": spec.source_hash}
     try:
         state.begin()
@@ -197,7 +197,7 @@ def _run_in_progress(state: State) -> bool:
     dispatcher still alive, maybe this very daemon): then its staging must stay."""
     runs = state.runs
     pid = runs.get("pid")
-    if runs.get("status") != "running" or not isinstance(pid, int) or pid <= 0:
+    if runs.get("status") != RunStatus.RUNNING or not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)

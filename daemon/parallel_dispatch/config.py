@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, m
 
 from .errors import ConfigError, Diagnostic
 from .model import InputsMode, OnFailure, Settings
+from .presets import RunnerName
 
 CONFIG_NAME = "dispatch.toml"
 
@@ -31,11 +32,6 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "max_retries": 3,
     "retry_backoff": 1.0,
 }
-
-
-RunnerName = Literal["claude", "codex", "gemini", "opencode", "llm", "openai"]
-RUNNER_NAMES: tuple[str, ...] = ("claude", "codex", "gemini", "opencode", "llm", "openai")
-"""Built-in runner presets (runners/registry.py maps each name to its runner)."""
 
 
 class RunnerConfig(BaseModel):
@@ -372,21 +368,38 @@ def _toml_line(text: str, loc: tuple[Any, ...]) -> int | None:
     """Best-effort line of a config key: TOML parsers keep no positions."""
     lines = text.splitlines()
     keys = [str(k) for k in loc]
-    if len(keys) >= 2 and keys[0] in ("agents", "defaults", "runners"):
-        section = keys[0] if keys[0] == "defaults" else f"{keys[0]}.{keys[1]}"
-        start = None
-        for i, line in enumerate(lines):
-            stripped = line.strip().replace('"', "")
-            if stripped == f"[{section}]":
-                start = i
-                break
-        if start is None:
-            return None
-        leaf = keys[2] if keys[0] != "defaults" and len(keys) > 2 else keys[-1]
-        for i in range(start + 1, len(lines)):
-            if lines[i].lstrip().startswith("["):
-                break
-            if re.match(rf"\s*{re.escape(leaf)}\s*=", lines[i]):
-                return i + 1
-        return start + 1
+    if not keys:
+        return None
+    if len(keys) == 1 or keys[0] not in ("agents", "defaults", "runners"):
+        return _top_level_line(lines, keys[0])
+    section = keys[0] if keys[0] == "defaults" else f"{keys[0]}.{keys[1]}"
+    start = None
+    for i, line in enumerate(lines):
+        stripped = line.strip().replace('"', "")
+        if stripped == f"[{section}]":
+            start = i
+            break
+    if start is None:  # an inline table, or dotted keys: the section's own line
+        return _top_level_line(lines, keys[0])
+    leaf = keys[2] if keys[0] != "defaults" and len(keys) > 2 else keys[-1]
+    for i in range(start + 1, len(lines)):
+        if lines[i].lstrip().startswith("["):
+            break
+        if re.match(rf"\s*{re.escape(leaf)}\s*=", lines[i]):
+            return i + 1
+    return start + 1
+
+
+def _top_level_line(lines: list[str], key: str) -> int | None:
+    """The line of a top-level `key`: its table header, else its assignment before any."""
+    k = rf"""["']?{re.escape(key)}["']?"""
+    header = re.compile(rf"\s*\[\[?\s*{k}\s*[.\]]")
+    assignment = re.compile(rf"\s*{k}\s*[.=]")
+    in_table = False
+    for i, line in enumerate(lines):
+        if header.match(line):
+            return i + 1
+        if not in_table and assignment.match(line):
+            return i + 1
+        in_table = in_table or line.lstrip().startswith("[")
     return None

@@ -12,8 +12,9 @@ from __future__ import annotations
 import trio
 
 from .fingerprint import agent_identity_of, hash_output, output_stamp, task_fingerprint
+from .result import TaskStatus
 from .spec import DispatchSpec
-from .state import State
+from .state import State, TaskEntry
 
 INLINE_HASH_BYTES = 256 * 1024
 
@@ -36,7 +37,7 @@ class Reuse:
             identity = self._identities[id(agent)] = agent_identity_of(self.spec, i)
         return task_fingerprint(self.spec, i, deps, identity)
 
-    def _intact(self, i: int, entry: dict[str, object]) -> str | None:
+    def _intact(self, i: int, entry: TaskEntry) -> str | None:
         """The recorded output hash if the output is still what was recorded."""
         path = self.spec.output_path(i)
         stamp = output_stamp(path)
@@ -57,7 +58,7 @@ class Reuse:
         if not self.enabled:
             return False
         entry = self.state.task(self.spec.tasks[i].id)
-        if entry.get("status") != "succeeded" or entry.get("fingerprint") != fp:
+        if entry.get("status") != TaskStatus.SUCCEEDED or entry.get("fingerprint") != fp:
             return False
         recorded = await trio.to_thread.run_sync(self._intact, i, entry)
         if recorded is None:

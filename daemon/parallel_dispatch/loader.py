@@ -7,6 +7,7 @@ file with errors runs nothing and writes nothing.
 from __future__ import annotations
 
 import difflib
+import errno
 import gc
 import hashlib
 import os
@@ -25,6 +26,7 @@ from .errors import ConfigError, Diagnostic, TaskFileError
 from .graph import Graph, find_cycles
 from .model import (
     MAX_ARG_BYTES,
+    MAX_ID_CHARS,
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
     RESERVED_OUTPUTS,
@@ -171,9 +173,10 @@ class _Checker:
         if len(loc) >= 2 and loc[0] == "tasks" and isinstance(loc[1], int):
             i = loc[1]
             raw = self.raw_tasks[i] if i < len(self.raw_tasks) else None
-            if isinstance(raw, dict) and isinstance(raw.get("id"), str):
-                return raw["id"]
-            return f"#{i + 1}"
+            tid = raw.get("id") if isinstance(raw, dict) else None
+            if isinstance(tid, str) and len(tid) <= MAX_ID_CHARS and not _CONTROL.search(tid):
+                return tid
+            return f"#{i + 1}"  # no id, or one that must not reach a terminal as it is
         return None
 
     # -- schema ---------------------------------------------------------------
@@ -199,7 +202,7 @@ class _Checker:
         elif loc and loc[0] == "settings":
             section = "settings"
         if kind == "extra_forbidden":
-            return (f"unknown key '{key}'{did_you_mean(key, _FIELDS[section])} "
+            return (f"unknown key {_quoted(key)}{did_you_mean(key, _FIELDS[section])} "
                     f"(allowed: {', '.join(_FIELDS[section])})")
         if kind == "missing":
             return f"missing required key '{key}'"
@@ -210,13 +213,13 @@ class _Checker:
         if section == "task":
             field = ".".join(str(p) for p in loc[2:])
         if kind == "string_pattern_mismatch":
-            return f"'{field}' must use only letters, digits, '.', '_' and '-' (got {got!r})"
+            return f"'{field}' must use only letters, digits, '.', '_' and '-' (got {_short(got)})"
         if kind in ("greater_than", "greater_than_equal"):
             bound = err.get("ctx", {}).get("gt", err.get("ctx", {}).get("ge"))
             op = ">" if kind == "greater_than" else "≥"
-            return f"'{field}' must be {op} {bound} (got {got!r})"
+            return f"'{field}' must be {op} {bound} (got {_short(got)})"
         if kind == "literal_error":
-            return f"'{field}' must be one of {err['ctx']['expected']} (got {got!r})"
+            return f"'{field}' must be one of {err['ctx']['expected']} (got {_short(got)})"
         if kind in ("less_than_equal", "string_too_long", "finite_number"):
             return _limit_message(kind, field, err.get("ctx", {}), got)
         return f"'{field}': {err['msg'].lower()} (got {_short(got)})"
@@ -241,7 +244,7 @@ class _Checker:
                 if raw["id"] in ids:
                     first = self.doc.positions.of(("tasks", ids[raw["id"]], "id"))
                     self.add(("tasks", i, "id"),
-                             f"duplicate id '{raw['id']}' (first defined on line "
+                             f"duplicate id {_quoted(raw['id'])} (first defined on line "
                              f"{first[0] if first else '?'}); ids must be unique")
                 else:
                     ids[raw["id"]] = i
@@ -259,11 +262,17 @@ class _Checker:
                 if dep == raw.get("id"):
                     self.add(loc, "a task cannot depend on itself; remove it from 'dependencies'")
                 elif dep not in ids:
-                    self.add(loc, f"unknown dependency '{dep}'{suggester.hint(dep)}")
+                    self.add(loc, f"unknown dependency {_quoted(dep)}{suggester.hint(dep)}")
                 else:
                     edges[i].append(ids[dep])
         for cycle in find_cycles(edges):
-            arrow = " → ".join(self.raw_tasks[i]["id"] for i in cycle)
+            # (the cycle ends with its first task again; a long one is shown shortened)
+            long = len(cycle) > 12
+            shown = [*cycle[:8], -1, *cycle[-2:]] if long else cycle
+            arrow = " → ".join("…" if i < 0 else _quoted(self.raw_tasks[i]["id"], "")
+                               for i in shown)
+            if long:
+                arrow += f" ({len(cycle) - 1:,} tasks)"
             self.add(("tasks", cycle[0], "dependencies"),
                      f"dependency cycle: {arrow} (each depends on the next); break one link")
 
@@ -278,15 +287,15 @@ class _Checker:
         for i, out in outputs.items():
             loc = ("tasks", i, "output")
             norm = posixpath.normpath(out.replace("\\", "/"))
-            if os.path.isabs(out) or out.startswith("~"):
-                self.add(loc, f"output '{out}' is absolute; give a path relative to output_dir "
-                              f"({output_dir})")
+            if os.path.isabs(out) or out.startswith("~") or norm.startswith("/"):
+                self.add(loc, f"output {_quoted(out)} is absolute; give a path relative to "
+                              f"output_dir ({output_dir})")
                 continue
             if norm == ".." or norm.startswith("../"):
-                self.add(loc, f"output '{out}' leaves the output dir through '..'")
+                self.add(loc, f"output {_quoted(out)} leaves the output dir through '..'")
                 continue
             if norm == ".":
-                self.add(loc, f"output '{out}' names the output dir itself; name a file or "
+                self.add(loc, f"output {_quoted(out)} names the output dir itself; name a file or "
                               "directory inside it")
                 continue
             problem = _output_problem(out, norm, output_dir)
@@ -295,28 +304,26 @@ class _Checker:
                 continue
             escape = symlinks.escape(norm)
             if escape is not None:
-                self.add(loc, f"output '{out}' leaves the output dir through a symlink "
-                              f"(it resolves to {escape})")
+                self.add(loc, f"output {_quoted(out)} {escape}")
                 continue
             if norm in seen:
                 other = self.task_id(("tasks", seen[norm]))
-                self.add(loc, f"output '{out}' is also the output of task '{other}'; "
+                self.add(loc, f"output {_quoted(out)} is also the output of task '{other}'; "
                               "give each task its own output")
                 continue
             seen[norm] = i
             norms[i] = norm
             if out.endswith("/"):
                 dirs[norm] = i
-        if not dirs:
-            return
         for i, norm in norms.items():
             parent = posixpath.dirname(norm)
             while parent:
-                if parent in dirs and dirs[parent] != i:
-                    j = dirs[parent]
+                j = seen.get(parent)
+                if j is not None and j != i:  # a file output cannot hold another one either
+                    kind = "directory output" if parent in dirs else "output (a file)"
                     self.add(("tasks", i, "output"),
-                             f"output '{outputs[i]}' is inside the directory output "
-                             f"'{outputs[j]}' of task '{self.task_id(('tasks', j))}'; "
+                             f"output {_quoted(outputs[i])} is inside the {kind} "
+                             f"{_quoted(outputs[j])} of task '{self.task_id(('tasks', j))}'; "
                              "outputs must not overlap")
                     break
                 parent = posixpath.dirname(parent)
@@ -329,7 +336,11 @@ class _Checker:
         for i, raw in enumerate(self.raw_tasks):
             name = _str_field(raw, "agent")
             spec: Any = None
-            if name is not None:
+            if name is not None and _CONTROL.search(name):
+                self.add(("tasks", i, "agent"),
+                         f"agent name {name!r} contains a control or invisible character; "
+                         "agent names are plain words like 'shell' or 'code-reviewer'")
+            elif name is not None:
                 try:
                     spec = resolver.resolve(name)
                 except ResolveError as exc:
@@ -386,12 +397,14 @@ def _output_problem(out: str, norm: str, output_dir: Path) -> str | None:
     """A name the file system, or dispatch itself, would refuse at run time."""
     bad = _CONTROL.search(out)
     if bad is not None:
-        return (f"output {out!r} contains a control character ({bad.group()!r}); use "
-                "printable characters")
+        code = ord(bad.group())
+        kind = ("a control character" if code < 0x20 or 0x7F <= code <= 0x9F
+                else "an invisible or direction-changing character")
+        return f"output {_short(out)} contains {kind} (U+{code:04X}); use printable characters"
     top = norm.split("/", 1)[0]
     if (top in RESERVED_OUTPUTS or top.startswith(".dispatch")
             or STAGED_NAME.match(posixpath.basename(norm))):
-        return (f"output '{out}' is reserved for dispatch's own files (reports, logs/, "
+        return (f"output {_quoted(out)} is reserved for dispatch's own files (reports, logs/, "
                 "state, staging); rename it")
     for part in norm.split("/"):
         if len(part.encode()) > MAX_NAME_BYTES:
@@ -404,7 +417,17 @@ def _output_problem(out: str, norm: str, output_dir: Path) -> str | None:
     return None
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028-\u202e"
+                      "\u2060\u2066-\u2069\ufeff]")
+"""Control characters (C0, DEL, C1), line separators, and the invisible or bidirectional
+formatting ones that make a name print as another (`a\u202etxt.exe` shows as `aexe.txt`).
+ZWJ and ZWNJ stay allowed: some scripts need them."""
+
+
+def _quoted(text: str, quote: str = "'") -> str:
+    """`text` in quotes, or as a Python literal when it holds a control or invisible
+    character: a diagnostic must not carry a raw ESC, newline or NUL to the terminal."""
+    return repr(text) if _CONTROL.search(text) else f"{quote}{text}{quote}"
 
 
 def _clip(text: str, n: int = 40) -> str:
@@ -412,7 +435,8 @@ def _clip(text: str, n: int = 40) -> str:
 
 
 class _SymlinkCheck:
-    """Finds outputs that a symlink would carry outside the output dir.
+    """Finds outputs that a symlink would carry outside the output dir, or that a
+    symlink loop or a file in the way would make impossible to write.
 
     Resolves each distinct parent directory once and lists it once, so 50,000
     outputs in a handful of directories cost a handful of system calls.
@@ -429,9 +453,26 @@ class _SymlinkCheck:
 
     def _dir_escape(self, rel: str) -> str | None:
         if rel not in self._dirs:
-            real = os.path.realpath(os.path.join(self.base, rel)) if rel else self.root
-            self._dirs[rel] = None if self._inside(real) else real
+            self._dirs[rel] = self._dir_problem(rel)
         return self._dirs[rel]
+
+    def _dir_problem(self, rel: str) -> str | None:
+        if not rel:
+            return None
+        path = os.path.join(self.base, rel)
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return (f"goes through a symlink loop ({path}: {exc.strerror}); remove the "
+                        "loop or choose another path")
+            if exc.errno == errno.ENOTDIR:
+                return (f"needs {rel} to be a folder, but something in that path is a file; "
+                        "choose another path")
+        real = os.path.realpath(path)
+        if self._inside(real):
+            return None
+        return f"leaves the output dir through a symlink (it resolves to {real})"
 
     def _symlinks(self, rel: str) -> frozenset[str]:
         if rel not in self._links:
@@ -443,14 +484,15 @@ class _SymlinkCheck:
         return self._links[rel]
 
     def escape(self, norm: str) -> str | None:
-        """Where `norm` really leads if that is outside the output dir, else None."""
+        """What is wrong with writing `norm` (it leads outside, ...), else None."""
         parent, name = posixpath.split(norm)
         bad = self._dir_escape(parent)
         if bad is not None:
             return bad
         if name in self._symlinks(parent):
             real = os.path.realpath(os.path.join(self.base, norm))
-            return None if self._inside(real) else real
+            if not self._inside(real):
+                return f"leaves the output dir through a symlink (it resolves to {real})"
         return None
 
 

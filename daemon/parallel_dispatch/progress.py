@@ -12,10 +12,7 @@ from typing import Protocol, TextIO
 
 from .events import AgentEvent
 from .fmt import plural
-from .result import RunResult, TaskRecord
-
-_MARK = {"succeeded": "✓", "cached": "≡", "failed": "✗", "timeout": "⏱", "skipped": "↷",
-         "cancelled": "⊘", "planned": "·", "provider_error": "⚠", "stalled": "⏸"}
+from .result import MARKS, RunResult, TaskRecord, TaskStatus
 
 EVENT_LINE_EVERY_S = 5.0
 """Plain progress prints a task's retry/error events at most this often (unless the text
@@ -42,13 +39,17 @@ class NullProgress:
     def run_finished(self, result: RunResult) -> None: ...
 
 
+_NOT_RUN = (TaskStatus.SKIPPED, TaskStatus.PLANNED, TaskStatus.CACHED)
+"""Finished without running now: no duration to show."""
+
+
 def _describe_end(rec: TaskRecord) -> str:
-    text = f"{_MARK.get(rec.status, '?')} {rec.id} {rec.status}"
-    if rec.status not in ("skipped", "planned", "cached") and rec.end_s is not None:
+    text = f"{MARKS.get(rec.status, '?')} {rec.id} {rec.status}"
+    if rec.status not in _NOT_RUN and rec.end_s is not None:
         text += f" in {rec.busy_s:.1f}s"
     if rec.attempts > 1:
         text += f" after {rec.attempts} attempts"
-    detail = rec.reason or (rec.error if rec.status != "succeeded" else None)
+    detail = rec.reason or (rec.error if rec.status != TaskStatus.SUCCEEDED else None)
     if detail:
         text += f": {detail}"
     return text
@@ -105,12 +106,15 @@ class PlainProgress:
         self._line(f"! {text}")
 
     def run_finished(self, result: RunResult) -> None:
-        counts = [f"{result.count('succeeded')} succeeded", f"{result.count('cached')} cached",
-                  f"{result.count('failed')} failed", f"{result.count('timeout')} timed out"]
-        for status, label in (("provider_error", "provider errors"), ("stalled", "stalled")):
-            if result.count(status):
-                counts.append(f"{result.count(status)} {label}")
-        counts += [f"{result.count('skipped')} skipped", f"{result.count('cancelled')} cancelled"]
+        count = result.count
+        counts = [f"{count(TaskStatus.SUCCEEDED)} succeeded", f"{count(TaskStatus.CACHED)} cached",
+                  f"{count(TaskStatus.FAILED)} failed", f"{count(TaskStatus.TIMEOUT)} timed out"]
+        for status, label in ((TaskStatus.PROVIDER_ERROR, "provider errors"),
+                              (TaskStatus.STALLED, "stalled")):
+            if count(status):
+                counts.append(f"{count(status)} {label}")
+        counts += [f"{count(TaskStatus.SKIPPED)} skipped",
+                   f"{count(TaskStatus.CANCELLED)} cancelled"]
         self._line(f"finished: {result.status} — {', '.join(counts)} in {result.wall_s:.1f}s")
 
 

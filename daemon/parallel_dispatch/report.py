@@ -18,16 +18,13 @@ from . import costs
 from .atomic import write_text
 from .events import CAUSES
 from .fmt import fmt_duration, now_iso, rel_path
-from .result import PROBLEMS, RunResult, TaskRecord
+from .result import MARKS, OK, PROBLEMS, RunResult, RunStatus, TaskRecord, TaskStatus
 
 REPORT_MD = "dispatch-report.md"
 REPORT_JSON = "dispatch-report.json"
 LOG_TAIL_LINES = 20
 SCHEMA_VERSION = 1
 
-_MARK = {"succeeded": "✓", "cached": "≡ cached", "failed": "✗", "timeout": "⏱ timeout",
-         "skipped": "↷ skipped", "cancelled": "⊘ cancelled", "planned": "· planned",
-         "pending": "…", "provider_error": "⚠ provider error", "stalled": "⏸ stalled"}
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> list[str]:
@@ -64,16 +61,32 @@ def waves(result: RunResult) -> list[dict[str, Any]]:
 
 
 def _wave_status(recs: Iterable[TaskRecord]) -> str:
+    """A wave's status: a task status, or `partial` (some tasks ran, others were skipped)."""
     statuses = {r.status for r in recs}
-    if statuses <= {"succeeded", "cached"}:
-        return "succeeded"
-    if statuses <= {"planned"}:
-        return "planned"
+    if statuses <= {TaskStatus.SUCCEEDED, TaskStatus.CACHED}:
+        return TaskStatus.SUCCEEDED
+    if statuses <= {TaskStatus.PLANNED}:
+        return TaskStatus.PLANNED
     if statuses & set(PROBLEMS):
-        return "failed"
-    if "cancelled" in statuses:
-        return "cancelled"
+        return TaskStatus.FAILED
+    if TaskStatus.CANCELLED in statuses:
+        return TaskStatus.CANCELLED
     return "partial"
+
+
+def _status_cell(status: str) -> str:
+    """A task's status in the Markdown tables: its mark, and its name unless the mark
+    says it all (✓, ✗, …)."""
+    mark = MARKS.get(status)
+    if mark is None or status == TaskStatus.RUNNING:
+        return status
+    if status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.PENDING):
+        return mark
+    return f"{mark} {TaskStatus(status).label}"
+
+
+_WAVE_MARKS = {s: MARKS[s] for s in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.PLANNED)}
+"""A wave's cell shows a mark for these, else its status in words (`partial`)."""
 
 
 def _round(x: float | None) -> float | None:
@@ -118,14 +131,14 @@ def to_json(result: RunResult) -> dict[str, Any]:
         "settings": spec.settings.to_json(),
         "summary": {
             "total": len(result.records),
-            "succeeded": result.count("succeeded"),
-            "failed": result.count("failed"),
-            "timed_out": result.count("timeout"),
-            "provider_errors": result.count("provider_error"),
-            "stalled": result.count("stalled"),
-            "skipped": result.count("skipped"),
-            "cancelled": result.count("cancelled"),
-            "cached": result.count("cached"),
+            "succeeded": result.count(TaskStatus.SUCCEEDED),
+            "failed": result.count(TaskStatus.FAILED),
+            "timed_out": result.count(TaskStatus.TIMEOUT),
+            "provider_errors": result.count(TaskStatus.PROVIDER_ERROR),
+            "stalled": result.count(TaskStatus.STALLED),
+            "skipped": result.count(TaskStatus.SKIPPED),
+            "cancelled": result.count(TaskStatus.CANCELLED),
+            "cached": result.count(TaskStatus.CACHED),
             "total_time_s": round(result.wall_s, 3),
             "work_time_s": round(result.work_s, 3),
             "parallel_efficiency": (None if result.efficiency is None
@@ -170,7 +183,7 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
         "|------|-------|----------|--------|",
     ]
     for w in data["waves"]:
-        mark = {"succeeded": "✓", "failed": "✗", "planned": "·"}.get(w["status"], w["status"])
+        mark = _WAVE_MARKS.get(w["status"], w["status"])
         lines.append(f"| {w['wave']} | {', '.join(w['tasks'])} | "
                      f"{fmt_duration(w['duration_s'])} | {mark} |")
     if data["critical_path"]:
@@ -184,13 +197,13 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
     ]
     for t in data["tasks"]:
         lines.append(f"| {t['id']} | {t['agent']} | {fmt_duration(t['duration_s'])} | "
-                     f"{_MARK.get(t['status'], t['status'])} | {t['attempts']} | {t['output']} |")
+                     f"{_status_cell(t['status'])} | {t['attempts']} | {t['output']} |")
     lines += costs.markdown(data)
     if data["notes"]:
         at = lines.index("## Execution Timeline")
         lines[at:at] = [*costs.notes_markdown(data["notes"]), ""]
     problems = [t for t in data["tasks"]
-                if t["status"] not in ("succeeded", "cached", "planned")]
+                if t["status"] not in OK]
     if problems:
         lines += ["", "## Problems", ""]
         for t in problems:
@@ -204,7 +217,7 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
                           "```text", *t["log_tail"], "```"]
             lines.append("")
     lines += ["", "## Outputs"]
-    outs = [t for t in data["tasks"] if t["status"] in ("succeeded", "cached")]
+    outs = [t for t in data["tasks"] if t["status"] in (TaskStatus.SUCCEEDED, TaskStatus.CACHED)]
     for t in outs:
         slash = "/" if t["output"].endswith("/") else ""
         lines.append(f"- {rel_path(Path(t['output_path']), root)}{slash}")
@@ -227,7 +240,7 @@ def _md_escape_line(text: str) -> str:
 
 def _gantt(data: dict[str, Any]) -> list[str]:
     rows = [t for t in data["tasks"] if t["start_s"] is not None and t["end_s"] is not None
-            and t["status"] != "cached"]
+            and t["status"] != TaskStatus.CACHED]
     if not rows:
         return []
     out = ["```mermaid", "gantt", "    title Dispatch timeline (seconds from start)",
@@ -235,7 +248,8 @@ def _gantt(data: dict[str, Any]) -> list[str]:
     by_wave: dict[int, list[dict[str, Any]]] = {}
     for t in rows:
         by_wave.setdefault(t["wave"], []).append(t)
-    tag = {"succeeded": "done", "cancelled": "crit", **{p: "crit" for p in PROBLEMS}}
+    tag = {TaskStatus.SUCCEEDED: "done", TaskStatus.CANCELLED: "crit",
+           **{p: "crit" for p in PROBLEMS}}
     for wave in sorted(by_wave):
         out.append(f"    section Wave {wave}")
         for t in by_wave[wave]:
@@ -271,7 +285,7 @@ def write_error_report(output_dir: Path, task_file: str, diagnostics: list[Any],
     data = {
         "schema_version": SCHEMA_VERSION,
         "task_file": task_file,
-        "status": "error" if crashed else "invalid",
+        "status": RunStatus.ERROR if crashed else RunStatus.INVALID,
         "checked_at": now_iso(),
         "errors": [d.to_json() for d in diagnostics],
     }

@@ -26,8 +26,8 @@ from pathlib import Path
 from . import agentdefs
 from .agentdefs import AgentDefinition, Discovery, fold
 from .agents import FALLBACK, SHELL_AGENT, AgentSpec, resolve_agent
-from .config import RUNNER_NAMES, AgentConfig, ProjectConfig, RunnerConfig
-from .runners.registry import accepts_model
+from .config import AgentConfig, ProjectConfig, RunnerConfig
+from .presets import RUNNER_NAMES, accepts_model
 
 DEFAULT_CLI = "claude"
 

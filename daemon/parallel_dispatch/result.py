@@ -1,25 +1,96 @@
-"""Run state: what happened to each task, kept separate from how it is shown."""
+"""Run state: what happened to each task, kept separate from how it is shown.
+
+Statuses are `StrEnum`s: each member *is* its string, so the JSON report, the state
+file and the daemon's status file read exactly as they did with bare strings (the
+contract in docs/architecture.md; tests/test_report_golden.py holds it byte for byte).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .spec import DispatchSpec
+if TYPE_CHECKING:  # types only: the Action and `status` read statuses without pydantic/trio
+    from .events import Cause
+    from .spec import DispatchSpec
 
-PROBLEMS = ("failed", "timeout", "provider_error", "stalled")
-"""The task ran and produced no output.  `failed`: the agent ran and failed;
-`provider_error`: the provider could not be used (bad credentials, unreachable, rate
-limit, overloaded); `timeout`: the deadline passed; `stalled`: the agent went silent for
-longer than `idle_timeout`."""
-COUNTED = ("succeeded", "cached", *PROBLEMS, "skipped", "cancelled")
+
+class TaskStatus(StrEnum):
+    """Where a task is; the last eight are final (`COUNTED`), `planned` ends a dry run."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    CACHED = "cached"
+    """Unchanged since its last successful run: the output was reused, nothing ran."""
+    FAILED = "failed"
+    """The agent ran and failed."""
+    TIMEOUT = "timeout"
+    """The deadline passed."""
+    PROVIDER_ERROR = "provider_error"
+    """The provider could not be used (bad credentials, unreachable, rate limit...)."""
+    STALLED = "stalled"
+    """The agent went silent for longer than `idle_timeout`."""
+    SKIPPED = "skipped"
+    """Not started: a dependency did not succeed, or the run stopped first."""
+    CANCELLED = "cancelled"
+    """Stopped while running (`on_failure: stop`, Ctrl-C, the file changed)."""
+    PLANNED = "planned"
+    """A dry run's verdict: it would run."""
+
+    @property
+    def mark(self) -> str:
+        """One symbol for progress lines and report tables."""
+        return MARKS[self]
+
+    @property
+    def label(self) -> str:
+        """The status as words: `provider error`."""
+        return self.value.replace("_", " ")
+
+
+class RunStatus(StrEnum):
+    """A run's status in the report, the state file and the Action's outputs."""
+
+    RUNNING = "running"
+    """Only in the state file, while the run goes on (`status` reads it)."""
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    INVALID = "invalid"
+    """The task file did not validate: nothing ran (the daemon's and Action's report)."""
+    ERROR = "error"
+    """A valid file whose run failed partway (an unwritable output dir, a full disk)."""
+
+
+MARKS: dict[str, str] = {
+    TaskStatus.PENDING: "…", TaskStatus.RUNNING: "▶", TaskStatus.SUCCEEDED: "✓",
+    TaskStatus.CACHED: "≡", TaskStatus.FAILED: "✗", TaskStatus.TIMEOUT: "⏱",
+    TaskStatus.PROVIDER_ERROR: "⚠", TaskStatus.STALLED: "⏸", TaskStatus.SKIPPED: "↷",
+    TaskStatus.CANCELLED: "⊘", TaskStatus.PLANNED: "·",
+}
+"""The one table of status marks (progress lines, the Markdown report); keyed by
+`TaskStatus`, so a status read back from a report's JSON finds its mark too."""
+
+PROBLEMS = (TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.PROVIDER_ERROR,
+            TaskStatus.STALLED)
+"""The task ran and produced no output."""
+COUNTED = (TaskStatus.SUCCEEDED, TaskStatus.CACHED, *PROBLEMS, TaskStatus.SKIPPED,
+           TaskStatus.CANCELLED)
 """Every status a finished task of a real run can have, in report order."""
-FINAL = (*COUNTED, "planned")
+OK = frozenset({TaskStatus.SUCCEEDED, TaskStatus.CACHED, TaskStatus.PLANNED})
+"""A task in one of these left (or would leave) its output in place."""
 
-VERBS = {"timeout": "timed out", "failed": "failed", "provider_error": "hit a provider error",
-         "stalled": "stalled", "cancelled": "was cancelled", "skipped": "was skipped"}
+VERBS: dict[str, str] = {TaskStatus.TIMEOUT: "timed out", TaskStatus.FAILED: "failed",
+         TaskStatus.PROVIDER_ERROR: "hit a provider error", TaskStatus.STALLED: "stalled",
+         TaskStatus.CANCELLED: "was cancelled", TaskStatus.SKIPPED: "was skipped"}
 """How a status reads after a task id: "task 'a' timed out"."""
+
+
+def verb(status: str) -> str:
+    return VERBS.get(status, status)
 
 
 @dataclass
@@ -30,7 +101,7 @@ class TaskRecord:
     output: str
     spec: DispatchSpec = field(repr=False)
     index: int
-    status: str = "pending"
+    status: TaskStatus = TaskStatus.PENDING
     attempts: int = 0
     start_s: float | None = None
     end_s: float | None = None
@@ -40,7 +111,7 @@ class TaskRecord:
     error: str | None = None
     reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
-    cause: str | None = None
+    cause: Cause | None = None
     """For `provider_error`: auth, unreachable, rate_limit, quota, overloaded, server..."""
     last_event: str | None = None
     """The agent's last live event when the task ended ("API retry 3/10: 529 overloaded")."""
@@ -57,7 +128,7 @@ class TaskRecord:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("succeeded", "cached", "planned")
+        return self.status in OK
 
 
 @dataclass
@@ -78,20 +149,20 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     """Run-level remarks for both reports (e.g. the cost budget stopped new tasks)."""
 
-    def count(self, status: str) -> int:
+    def count(self, status: TaskStatus) -> int:
         return sum(1 for r in self.records if r.status == status)
 
     @property
-    def status(self) -> str:
+    def status(self) -> RunStatus:
         if self.interrupted:
-            return "interrupted"
-        return "succeeded" if all(r.ok for r in self.records) else "failed"
+            return RunStatus.INTERRUPTED
+        return RunStatus.SUCCEEDED if all(r.ok for r in self.records) else RunStatus.FAILED
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
-        return 0 if self.status == "succeeded" else 1
+        return 0 if self.status == RunStatus.SUCCEEDED else 1
 
     @property
     def work_s(self) -> float:

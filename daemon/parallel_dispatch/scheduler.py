@@ -22,16 +22,20 @@ from .incremental import Reuse
 from .model import MAX_BACKOFF_S
 from .plan import Plan
 from .progress import NullProgress, Progress
-from .result import VERBS, RunResult, TaskRecord
+from .result import PROBLEMS, RunResult, TaskRecord, TaskStatus, verb
 from .runners.base import Job, Outcome, Runner
 from .spec import DispatchSpec
+
+_DEADLINES = (TaskStatus.TIMEOUT, TaskStatus.STALLED)
+"""Ended by the scheduler's clock, not by the agent: always worth another attempt."""
 
 
 @dataclass
 class _Finished:
     index: int
     attempt: int
-    status: str
+    status: TaskStatus | None
+    """How the attempt ended; None: it never started (stopped while queued)."""
     outcome: Outcome | None
     start: float
     end: float
@@ -166,8 +170,8 @@ class Scheduler:
         rec.start_s = now
         self.progress.task_started(rec)
         outcome = run_now(Job(self.spec, i, rec.attempts, self.result.run_id))
-        return _Finished(i, rec.attempts, "succeeded" if outcome.ok else "failed", outcome,
-                         now, now)
+        status = TaskStatus.SUCCEEDED if outcome.ok else TaskStatus.FAILED
+        return _Finished(i, rec.attempts, status, outcome, now, now)
 
     def _over_budget(self) -> bool:
         """Whether reported costs reached `max_cost_usd`: then nothing new starts."""
@@ -192,7 +196,7 @@ class Scheduler:
                 stop_scope.cancel()
             if rec.attempts == 0 and self.reuse is not None and await self.reuse.lookup(i):
                 now = self._now()
-                msg = _Finished(i, 0, "cached", None, now, now)
+                msg = _Finished(i, 0, TaskStatus.CACHED, None, now, now)
             else:
                 async with self.limiter if self.limiter is not None else nullcontext():
                     await trio.lowlevel.checkpoint_if_cancelled()
@@ -201,7 +205,7 @@ class Scheduler:
         started = self._started.pop(i, None)
         if msg is None:
             now = self._now()
-            status = "cancelled" if started is not None else "unstarted"
+            status = TaskStatus.CANCELLED if started is not None else None
             msg = _Finished(i, rec.attempts, status, None, started or now, now)
         send.send_nowait(msg)
 
@@ -213,7 +217,7 @@ class Scheduler:
         start = self._started[i] = self._now()
         if rec.start_s is None:
             rec.start_s = start
-        rec.status = "running"
+        rec.status = TaskStatus.RUNNING
         self.progress.task_started(rec)
         outcome: Outcome | None = None
         idle_s = self.spec.idle_timeout_s(i)
@@ -229,14 +233,16 @@ class Scheduler:
                     outcome = Outcome(ok=False, error=f"runner error: {exc!r}",
                                       retryable=False)
         if deadline.cancelled_caught:
-            status = "timeout"
+            status = TaskStatus.TIMEOUT
         elif idle.cancelled_caught or outcome is None:
-            status = "stalled"
+            status = TaskStatus.STALLED
         elif outcome.ok:
-            status = "succeeded"
+            status = TaskStatus.SUCCEEDED
+        elif outcome.cause is not None:
+            status = TaskStatus.PROVIDER_ERROR
         else:
-            status = "provider_error" if outcome.cause is not None else "failed"
-        if status == "succeeded" and self.reuse is not None:
+            status = TaskStatus.FAILED
+        if status == TaskStatus.SUCCEEDED and self.reuse is not None:
             with trio.CancelScope(shield=True):  # the output is in place: record it
                 await self.reuse.succeeded(i)
         return _Finished(i, rec.attempts, status, outcome, start, self._now(),
@@ -250,19 +256,19 @@ class Scheduler:
                 send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
         i = msg.index
         rec = self.records[i]
-        if msg.status == "unstarted" and i not in self._blocked:
+        if msg.status is None and i not in self._blocked:
             return  # stopped while queued: `_close_leftovers` reports it as not started
         if i in self._blocked:  # cancelled because its runner's credentials were rejected
             rec.end_s = msg.end
             rec.busy_s += msg.end - msg.start
-            rec.status = "provider_error"
+            rec.status = TaskStatus.PROVIDER_ERROR
             rec.cause = "auth"
             rec.error = self._blocked.pop(i)
             self._done(rec)
             self._fail(i, rec)
             return
-        if msg.status == "cached":
-            rec.status = "cached"
+        if msg.status == TaskStatus.CACHED:
+            rec.status = TaskStatus.CACHED
             rec.start_s = rec.end_s = msg.end
             rec.reason = "unchanged since its last successful run; output reused"
             self.plan.succeeded(i)
@@ -283,29 +289,30 @@ class Scheduler:
             if isinstance(cost, int | float):
                 self.spent_usd += cost
         status = msg.status
+        assert status is not None  # an unstarted attempt was handled above
         rec.last_event = msg.last_event.text if msg.last_event is not None else None
-        rec.cause = out.cause if out is not None and status == "provider_error" else None
-        if status in ("timeout", "stalled"):
+        rec.cause = out.cause if out is not None and status == TaskStatus.PROVIDER_ERROR else None
+        if status in _DEADLINES:
             rec.exit_code = None
             error = self._deadline_error(i, status, msg)
             ev = msg.last_event
             if ev is not None and ev.cause is not None:
                 # The agent was waiting on the provider when the deadline hit: say so.
-                status = "provider_error"
+                status = TaskStatus.PROVIDER_ERROR
                 rec.cause = ev.cause
                 error = f"{CAUSES[ev.cause]}: {error}"
             runner = self.spec.agents[i].runner
             rec.error = f"{runner} runner: {error}" if runner else error
-        if status == "cancelled":
+        if status == TaskStatus.CANCELLED:
             rec.error = f"cancelled: {self._stopping or 'run stopped'}"
-        if status == "succeeded":
-            rec.status = "succeeded"
+        if status == TaskStatus.SUCCEEDED:
+            rec.status = TaskStatus.SUCCEEDED
             rec.error = None
             self.plan.succeeded(i)
             self._done(rec)
             return
-        retryable = msg.status in ("timeout", "stalled") or (out is not None and out.retryable)
-        if (status in ("failed", "timeout", "stalled", "provider_error") and retryable
+        retryable = msg.status in _DEADLINES or (out is not None and out.retryable)
+        if (status in PROBLEMS and retryable
                 and self._stopping is None and rec.attempts < self.spec.max_attempts(i)):
             rec.status = status
             delay = max(self._backoff(i, rec.attempts), (out and out.retry_after) or 0.0)
@@ -316,12 +323,12 @@ class Scheduler:
             return
         rec.status = status
         self._done(rec)
-        if status == "provider_error" and rec.cause == "auth":
+        if status == TaskStatus.PROVIDER_ERROR and rec.cause == "auth":
             self._reject_credentials(i, rec)
         self._fail(i, rec)
 
-    def _deadline_error(self, i: int, status: str, msg: _Finished) -> str:
-        if status == "timeout":
+    def _deadline_error(self, i: int, status: TaskStatus, msg: _Finished) -> str:
+        if status == TaskStatus.TIMEOUT:
             text = f"timed out after {self.spec.timeout_s(i):g}s"
         else:
             text = f"stalled: no output for {self.spec.idle_timeout_s(i):g}s"
@@ -372,7 +379,7 @@ class Scheduler:
         if key is None or key not in self._rejected:
             return False
         rec = self.records[i]
-        rec.status = "provider_error"
+        rec.status = TaskStatus.PROVIDER_ERROR
         rec.cause = "auth"
         rec.error = self._rejected_message(i)
         self._done(rec)
@@ -380,15 +387,15 @@ class Scheduler:
         return True
 
     def _fail(self, i: int, rec: TaskRecord) -> None:
-        if rec.status == "cancelled":
+        if rec.status == TaskStatus.CANCELLED:
             return
         if self.spec.settings.on_failure == "stop" and self._stopping is None:
-            self._stop(f"on_failure is 'stop' and task '{rec.id}' {_verb(rec.status)}")
+            self._stop(f"on_failure is 'stop' and task '{rec.id}' {verb(rec.status)}")
             return
         for d in self.plan.failed(i):
             dep = self.records[d]
-            dep.status = "skipped"
-            dep.reason = f"dependency '{rec.id}' {_verb(rec.status)}"
+            dep.status = TaskStatus.SKIPPED
+            dep.reason = f"dependency '{rec.id}' {verb(rec.status)}"
             self._done(dep)
 
     def _backoff(self, i: int, attempt: int) -> float:
@@ -429,9 +436,9 @@ class Scheduler:
             for i, start in list(self._started.items()):
                 rec = self.records[i]
                 self._started.pop(i)
-                if rec.status != "running":
+                if rec.status != TaskStatus.RUNNING:
                     continue
-                rec.status = "cancelled"
+                rec.status = TaskStatus.CANCELLED
                 rec.error = f"cancelled: {self._stopping}"
                 rec.end_s = now
                 rec.busy_s += now - start
@@ -444,8 +451,8 @@ class Scheduler:
         why = self._stopping or self._budget_note or "not reached"
         for i in self.plan.drain():
             rec = self.records[i]
-            if rec.status in ("pending", "running"):
-                rec.status = "skipped"
+            if rec.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
+                rec.status = TaskStatus.SKIPPED
                 rec.reason = f"not started: {why}"
                 self._done(rec)
 
@@ -456,10 +463,6 @@ class Scheduler:
 
     def _now(self) -> float:
         return trio.current_time() - self._t0
-
-
-def _verb(status: str) -> str:
-    return VERBS.get(status, status)
 
 
 def _weights(spec: DispatchSpec, durations: Mapping[str, float]) -> list[float]:

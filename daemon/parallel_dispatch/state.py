@@ -22,7 +22,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypedDict, cast
 
 import tomli_w
 
@@ -32,11 +32,44 @@ STATE_FILE = ".dispatch-state.toml"
 JOURNAL_FILE = ".dispatch-journal.jsonl"
 
 
+class TaskEntry(TypedDict, total=False):
+    """`[tasks.<id>]`: what the last runs left for one task.
+
+    Read from a file a user may have edited: a reader checks each value's type before
+    trusting it (`durations`, `incremental.Reuse`)."""
+
+    status: str
+    """The last real result (a `TaskStatus`: succeeded or one of `PROBLEMS`)."""
+    finished_run: str
+    duration_s: float
+    """Time spent in attempts by its last successful run: weights the critical path."""
+    fingerprint: str
+    output_hash: str
+    output_stamp: list[int]
+    """(size, mtime_ns) of the output when hashed: an unchanged stamp skips rehashing."""
+
+
+class RunEntry(TypedDict, total=False):
+    """`[last_run]`: the latest run on this output dir (`status` and the daemon read it).
+
+    Besides these, one count per `TaskStatus` of `COUNTED` (`succeeded = 3`, ...)."""
+
+    run_id: str
+    started_at: str
+    finished_at: str
+    status: str
+    """A `RunStatus`: `running` until the run ends."""
+    task_file: str
+    task_file_hash: str
+    pid: int
+    """The dispatcher's: a run still `running` whose process is gone was killed."""
+
+
 @dataclass
 class State:
     path: Path
-    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    runs: dict[str, Any] = field(default_factory=dict)
+    tasks: dict[str, TaskEntry] = field(default_factory=dict)
+    runs: RunEntry = field(default_factory=lambda: RunEntry())
     _journal: IO[str] | None = None
     error: OSError | None = None
     """Why journaling stopped (a full disk): the snapshot at `save` still has it all."""
@@ -53,8 +86,9 @@ class State:
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
             data = {}
         tasks, runs = data.get("tasks", {}), data.get("last_run", {})
-        state.tasks = tasks if isinstance(tasks, dict) else {}
-        state.runs = runs if isinstance(runs, dict) else {}
+        # As read: a damaged or edited file may hold anything; readers check each value.
+        state.tasks = cast(dict[str, TaskEntry], tasks) if isinstance(tasks, dict) else {}
+        state.runs = cast(RunEntry, runs) if isinstance(runs, dict) else RunEntry()
         state._replay()
         return state
 
@@ -83,9 +117,9 @@ class State:
                 out[tid] = float(d)
         return out
 
-    def task(self, task_id: str) -> dict[str, Any]:
+    def task(self, task_id: str) -> TaskEntry:
         entry = self.tasks.get(task_id)
-        return entry if isinstance(entry, dict) else {}
+        return entry if isinstance(entry, dict) else TaskEntry()
 
     def _append(self, entry: dict[str, Any]) -> None:
         """Journal one change.  A write that fails (ENOSPC) stops the journal rather than
@@ -101,14 +135,21 @@ class State:
             with contextlib.suppress(OSError):
                 journal.close()
 
-    def record(self, task_id: str, **fields: Any) -> None:
-        """Update a task's entry (journaled while a run is open)."""
-        values = {k: v for k, v in fields.items() if v is not None}
-        self.tasks.setdefault(task_id, {}).update(values)
+    def record(self, task_id: str, *, duration_s: float | None = None,
+               status: str | None = None, finished_run: str | None = None,
+               fingerprint: str | None = None, output_hash: str | None = None,
+               output_stamp: list[int] | None = None) -> None:
+        """Update a task's entry (journaled while a run is open); None leaves a key as it is."""
+        given = {"duration_s": duration_s, "status": status, "finished_run": finished_run,
+                 "fingerprint": fingerprint, "output_hash": output_hash,
+                 "output_stamp": output_stamp}
+        values = cast(TaskEntry, {k: v for k, v in given.items() if v is not None})
+        self.tasks.setdefault(task_id, TaskEntry()).update(values)
         self._append({"task": task_id, "set": values})
 
     def update_run(self, **fields: Any) -> None:
-        self.runs.update(fields)
+        """Update `[last_run]`: `RunEntry` keys and the per-status counts."""
+        self.runs.update(fields)  # type: ignore[typeddict-item]
         self._append({"run": fields})
 
     def begin(self) -> None:

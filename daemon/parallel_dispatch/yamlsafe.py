@@ -349,6 +349,80 @@ def _unclosed_quote(text: bytes | str, exc: yaml.MarkedYAMLError,
     return None
 
 
+def _syntax_error(text: bytes | str, exc: yaml.MarkedYAMLError, file: str) -> Diagnostic:
+    """libyaml's error at its line, naming where the construct it was parsing began.
+
+    The parser gives up where the structure breaks — often the line *after* an
+    unclosed `[` or `{` — so the opening line is named too; and a mark past the
+    last line (the end of a file without a final newline) is moved onto it.
+    """
+    mark = exc.problem_mark or exc.context_mark
+    problem = exc.problem or str(exc)
+    if exc.context:
+        start = exc.context_mark
+        if start is not None and mark is not None and start.line != mark.line:
+            problem = (f"{exc.context} (from line {start.line + 1}, column {start.column + 1}), "
+                       f"{problem}")
+        else:
+            problem = f"{exc.context}, {problem}"
+    if mark is None:
+        return Diagnostic(file, None, None, f"invalid YAML: {problem}")
+    line, col = mark.line + 1, mark.column + 1
+    if line > 1 and col == 1:
+        lines = _source(text).splitlines()
+        if line > len(lines) >= 1:
+            line, col = len(lines), len(lines[-1]) + 1
+    return Diagnostic(file, line, col, f"invalid YAML: {problem}")
+
+
+_BREAKS = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+"""What libyaml counts as a line break (so lines agree with its marks)."""
+
+
+def _reader_error(text: bytes | str, exc: yaml.reader.ReaderError, file: str) -> Diagnostic:
+    """A byte libyaml refuses (not UTF-8, a control character), at its line and column.
+
+    libyaml reports only a byte offset, and for a bad UTF-8 sequence the offset of
+    the byte where it noticed, which may follow the culprit; Python's decoder finds
+    the culprit itself.
+    """
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    offset = min(max(exc.position, 0), len(data))
+    utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+    encoding = "utf-16" if utf16 else "utf-8"
+    if isinstance(exc.character, int) and not utf16 and (
+            "UTF-8" in exc.reason or "Unicode" in exc.reason):
+        skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        try:
+            data[skip:offset + 4].decode("utf-8")
+        except UnicodeDecodeError as bad:
+            offset = min(offset, skip + bad.start)
+        byte = data[offset] if offset < len(data) else None
+        what = f"byte 0x{byte:02x}" if byte is not None else "the file ends mid-character"
+        message = (f"not valid UTF-8 ({what}); task files must be UTF-8: re-save it as "
+                   "UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    elif isinstance(exc.character, int) and "control" in exc.reason:
+        message = (f"invalid YAML: control character U+{exc.character:04X} is not allowed in "
+                   "a YAML file; remove it (inside double quotes it can be written as an "
+                   f"escape, \\x{exc.character:02x})" if exc.character < 0x100 else
+                   f"invalid YAML: character U+{exc.character:04X} is not allowed; remove it")
+    else:
+        message = f"invalid YAML: {exc.reason} (character {exc.character!r})"
+    before = data[:offset].decode(encoding, "replace")
+    if not utf16:
+        before = before.removeprefix("\ufeff")
+    lines = _BREAKS.split(before)
+    return Diagnostic(file, len(lines), len(lines[-1]) + 1, message)
+
+
+def _source(text: bytes | str) -> str:
+    if isinstance(text, str):
+        return text
+    if text[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return text.decode("utf-16", "replace")
+    return text.decode("utf-8", "replace").removeprefix("\ufeff")
+
+
 def _whole_file(file: str, message: str) -> TaskFileError:
     return TaskFileError([Diagnostic(file, None, None, message)])
 
@@ -425,13 +499,9 @@ def parse_yaml(text: bytes | str, file: str) -> Document:
         unclosed = _unclosed_quote(text, exc, file)
         if unclosed is not None:
             raise TaskFileError([unclosed]) from None
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        col = mark.column + 1 if mark else None
-        problem = exc.problem or str(exc)
-        if exc.context:
-            problem = f"{exc.context}, {problem}"
-        raise TaskFileError([Diagnostic(file, line, col, f"invalid YAML: {problem}")]) from None
+        raise TaskFileError([_syntax_error(text, exc, file)]) from None
+    except yaml.reader.ReaderError as exc:
+        raise TaskFileError([_reader_error(text, exc, file)]) from None
     except yaml.YAMLError as exc:
         raise _whole_file(file, f"invalid YAML: {exc}") from None
     except UnicodeDecodeError as exc:

@@ -27,7 +27,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from ..agentdefs import split_tools
 from ..events import CAUSES, AgentEvent, Cause
@@ -108,13 +108,10 @@ class _Seen:
 
 class ClaudeRunner(PresetRunner):
     name = "claude"
-    executable = "claude"
     docs = "Claude Code 2.1.332 (contract-tested); code.claude.com/docs/en/headless"
     install_hint = ("install Claude Code (npm install -g @anthropic-ai/claude-code) or set "
                     "command = [\"/path/to/claude\"] in [runners.claude]")
     auth_hint = "run `claude` and log in with /login, or set ANTHROPIC_API_KEY"
-    model_families: ClassVar[frozenset[str]] = frozenset(
-        {"claude-alias", "claude", "provider", "other"})
 
     def build(self, call: Call) -> Invocation:
         agent = call.agent

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any
 
 from ..events import AgentEvent, Cause
 from .preset import (
@@ -155,12 +155,10 @@ def _short(text: str, limit: int = 120) -> str:
 
 class CodexRunner(PresetRunner):
     name = "codex"
-    executable = "codex"
     docs = "codex-cli 0.171.0 (contract-tested); openai/codex docs/exec.md, exec_events.rs"
     install_hint = ("install the Codex CLI (npm install -g @openai/codex) or set "
                     "command = [\"/path/to/codex\"] in [runners.codex]")
     auth_hint = "run `codex login`, or set CODEX_API_KEY (or your provider's env_key)"
-    model_families: ClassVar[frozenset[str]] = frozenset({"other"})
 
     def build(self, call: Call) -> Invocation:
         agent = call.agent

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from ..events import CAUSES, AgentEvent, Cause
 from .preset import (
@@ -211,12 +211,10 @@ def stderr_message(stderr: str) -> str:
 
 class GeminiRunner(PresetRunner):
     name = "gemini"
-    executable = "gemini"
     docs = "gemini-cli 0.61.0 (contract-tested: tests/contract/test_gemini.py)"
     install_hint = ("install the Gemini CLI (npm install -g @google/gemini-cli) or set "
                     "command = [\"/path/to/gemini\"] in [runners.gemini]")
     auth_hint = "set GEMINI_API_KEY or choose an auth method in ~/.gemini/settings.json"
-    model_families: ClassVar[frozenset[str]] = frozenset({"gemini", "gemini-alias"})
 
     def build(self, call: Call) -> Invocation:
         agent = call.agent

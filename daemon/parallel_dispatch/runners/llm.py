@@ -24,7 +24,7 @@ choices:
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import Any
 
 from ..events import AgentEvent, Cause
 from .preset import Call, Invocation, Parsed, PresetRunner, StreamName, last_line
@@ -66,12 +66,10 @@ def classify(message: str) -> tuple[Cause | None, int | None]:
 
 class LlmRunner(PresetRunner):
     name = "llm"
-    executable = "llm"
     docs = "llm 0.36 (verified on a local Chat Completions stub and SmolLM2); simonw/llm"
     install_hint = ("install llm (pipx install llm) or set command = [\"/path/to/llm\"] in "
                     "[runners.llm]")
     auth_hint = "add a key with `llm keys set <provider>` or set the provider's key variable"
-    model_families: ClassVar[frozenset[str]] = frozenset({"claude", "gemini", "other"})
 
     def build(self, call: Call) -> Invocation:
         agent = call.agent

@@ -33,16 +33,14 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, ClassVar
 
 from ..agents import AgentSpec
 from ..events import CAUSES, AgentEvent, Cause
 from ..inputs import compose_prompt
-from ..outputs import Staging, open_creating_dirs
+from ..outputs import Staging
+from .attempt import AttemptRunner, log_error
 from .base import Job, Outcome
-from .command import CommandRunner, _header
-from .preset import model_family
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
@@ -66,17 +64,14 @@ class OpenAIError(Exception):
         self.cause = cause
 
 
-class OpenAIRunner(CommandRunner):
-    """Sends the prompt as the user message and the definition body as the system message."""
+class OpenAIRunner(AttemptRunner):
+    """Sends the prompt as the user message and the definition body as the system message.
+
+    A sibling of the process runners: no argv, no process group; staging, the log,
+    the environment (for the key) are `AttemptRunner`'s."""
 
     name = "openai"
-    executable: ClassVar[str | None] = None
     docs: ClassVar[str] = "OpenAI Chat Completions API, streaming (SSE) and Retry-After"
-    version_args: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    def accepts_model(cls, model: str) -> bool:
-        return model_family(model) in ("other", "provider")
 
     def url(self, agent: AgentSpec) -> str:
         base = agent.base_url or self.base_env.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
@@ -89,20 +84,15 @@ class OpenAIRunner(CommandRunner):
         return (f"POST {self.url(agent)} model={agent.model}  ({system}prompt as the user "
                 f"message, streamed; key from ${key}; runner openai)")
 
-    def argv(self, job: Job, output: Path, prompt: str) -> list[str]:
-        return ["POST", self.url(job.agent)]
-
-    async def _run(self, job: Job, staging: Staging) -> Outcome:
+    async def attempt(self, job: Job, staging: Staging) -> Outcome:
         agent = job.agent
         url = self.url(agent)
-        with open_creating_dirs(job.log_path, "wb" if job.attempt == 1 else "ab") as log:
-            log.write(_header(job, ["POST", url, f"model={agent.model}"]).encode())
-            log.flush()
+        with self.open_log(job, f"POST {url} model={agent.model}") as log:
             try:
                 metrics = await self._request(job, staging, url)
             except OpenAIError as exc:
-                msg = f"openai runner: {exc}"
-                log.write(f"error: {msg}\n".encode())
+                msg = f"{self.error_prefix}{exc}"
+                log_error(log, msg)
                 if job.activity is not None:
                     job.activity.event(AgentEvent(str(exc), kind="error", cause=exc.cause,
                                                   retry_after=exc.retry_after))

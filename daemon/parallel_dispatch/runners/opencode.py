@@ -37,7 +37,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 
@@ -154,13 +154,11 @@ class _Live:
 
 class OpencodeRunner(PresetRunner):
     name = "opencode"
-    executable = "opencode"
     docs = "opencode 1.18.33 (verified on a local Chat Completions stub); anomalyco/opencode"
     install_hint = ("install opencode (npm install -g opencode-ai) or set "
                     "command = [\"/path/to/opencode\"] in [runners.opencode]")
     auth_hint = ("run `opencode auth login` (or set the provider's API key variable, or "
                  "`apiKey` in the provider's options in opencode.json)")
-    model_families: ClassVar[frozenset[str]] = frozenset({"provider"})
 
     # -- the command -------------------------------------------------------------------
     def build(self, call: Call) -> Invocation:

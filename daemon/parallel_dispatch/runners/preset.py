@@ -1,14 +1,16 @@
-"""What every coding-agent CLI preset shares: build argv, run it like a command agent, parse.
+"""What every coding-agent CLI preset shares: build argv, run the tool, read it, parse.
 
 A preset (claude.py, codex.py, ...) only knows its tool: how to pass the prompt (always
 stdin, so long or untrusted text never meets a shell or the argv limit), how to pass the
-agent definition's system prompt and model, and how to read the result.  Everything
-else is `CommandRunner`'s machinery: the staging area, DISPATCH_* variables, stderr to
-logs/<id>.log, the process group that dies with the task.
+agent definition's system prompt and model, and how to read the result.  The staging
+area, DISPATCH_* variables, the log and its header are `AttemptRunner`'s (attempt.py);
+the process group that dies with the task is process.py's.  `PresetRunner` is a sibling
+of `CommandRunner`, not a kind of it.
 
-The difference from a command agent: stdout is captured to a private file and parsed,
-and only the *result text* is written to the task's output.  Cost and token counts
-land in `Outcome.metrics` (cost_usd, input_tokens, output_tokens, turns, ...).
+The difference from a command agent: both streams are piped and read live (`watch`),
+stdout is captured to a private file and parsed, and only the *result text* is written
+to the task's output.  `parse` returns a `Parsed`: an `Outcome` plus that text; cost and
+token counts land in its metrics (cost_usd, input_tokens, output_tokens, turns, ...).
 """
 
 from __future__ import annotations
@@ -31,10 +33,18 @@ from ..agents import AgentSpec
 from ..events import CAUSES, Activity, AgentEvent, Cause
 from ..fmt import rel_path
 from ..inputs import compose_prompt
-from ..outputs import Staging, open_creating_dirs, staging_for
+from ..outputs import Staging, staging_for
+from ..presets import PRESETS, Preset
 from ..process import Exit, run_in_group
+from .attempt import (
+    AttemptRunner,
+    exit_message,
+    io_error_message,
+    is_transient,
+    log_error,
+    survivors_message,
+)
 from .base import Job, Outcome
-from .command import CommandRunner, _exit_message, _header, _survivors_message
 from .stream import LogBudget, pipe, pump
 
 StreamName = Literal["stdout", "stderr"]
@@ -44,30 +54,10 @@ ARG_SAFE_BYTES = 100_000
 a file or stdin instead."""
 STDERR_KEEP = 64 * 1024
 
-CLAUDE_ALIASES = frozenset({"sonnet", "opus", "haiku", "opusplan", "default"})
-GEMINI_ALIASES = frozenset({"auto", "pro", "flash", "flash-lite"})
-
 AUTH_PATTERNS = re.compile(
     r"invalid api key|please run /login|\b401\b|unauthori[sz]ed|not logged in|no key found|"
     r"api key is missing|authentication|auth method|permission denied.*api key",
     re.IGNORECASE)
-
-
-def model_family(model: str) -> str:
-    """Which tool a model name is meant for, so a Claude definition's `model: sonnet` is
-    not handed to codex or gemini (they would fail on it)."""
-    m = model.strip().lower()
-    if m in CLAUDE_ALIASES:
-        return "claude-alias"
-    if m in GEMINI_ALIASES:
-        return "gemini-alias"
-    if "/" in m:
-        return "provider"
-    if m.startswith("claude"):
-        return "claude"
-    if m.startswith("gemini"):
-        return "gemini"
-    return "other"
 
 
 def toml_string(text: str) -> str:
@@ -161,17 +151,21 @@ def add(metrics: dict[str, Any], key: str, value: Any) -> None:
 
 
 @dataclass
-class Parsed:
-    """What a preset made of the tool's exit code, stdout and stderr."""
+class Parsed(Outcome):
+    """What a preset made of the tool's exit code, stdout and stderr: the attempt's
+    `Outcome` as far as the tool said (its error without the runner's name, no exit
+    code or pid yet: `PresetRunner.attempt` adds those), and the answer to write."""
 
-    ok: bool
     text: str | None = None
-    error: str | None = None
-    retryable: bool = True
-    metrics: dict[str, Any] = field(default_factory=dict)
-    retry_after: float | None = None
-    cause: Cause | None = None
-    """Set when the provider could not be used (see events.CAUSES)."""
+    """The result text, written to the task's output when `ok`."""
+
+    def outcome(self, exit_code: int | None, pid: int | None, prefix: str) -> Outcome:
+        """The attempt's `Outcome` (the one place a verdict becomes one): the process's
+        exit code and pid added, the error led by `prefix` (which runner), no text."""
+        error = None if self.ok else f"{prefix}{self.error or 'failed'}"
+        return Outcome(ok=self.ok, exit_code=exit_code, error=error, retryable=self.retryable,
+                       pid=pid, metrics=self.metrics, retry_after=self.retry_after,
+                       cause=self.cause)
 
 
 @dataclass
@@ -237,22 +231,19 @@ class Call:
             shutil.rmtree(path, ignore_errors=True)
 
 
-class PresetRunner(CommandRunner):
-    """Base of the subprocess presets: subclasses implement `build` and `parse`."""
+class PresetRunner(AttemptRunner):
+    """Base of the CLI presets: subclasses set `name` (a key of presets.PRESETS, where
+    its executable and model families are) and implement `build` and `parse`."""
 
     name: ClassVar[str] = "preset"
-    executable: ClassVar[str] = ""
     docs: ClassVar[str] = ""
     """Which CLI version and documentation the preset follows."""
     install_hint: ClassVar[str] = ""
     auth_hint: ClassVar[str] = ""
-    version_args: ClassVar[tuple[str, ...]] = ("--version",)
-    model_families: ClassVar[frozenset[str]] = frozenset({"other"})
 
-    @classmethod
-    def accepts_model(cls, model: str) -> bool:
-        """Whether a definition's frontmatter `model` means something to this tool."""
-        return model_family(model) in cls.model_families
+    @property
+    def preset(self) -> Preset:
+        return PRESETS[self.name]
 
     # -- to implement ------------------------------------------------------------
     def build(self, call: Call) -> Invocation:
@@ -264,7 +255,7 @@ class PresetRunner(CommandRunner):
     # -- shared --------------------------------------------------------------------
     def prefix(self, agent: AgentSpec) -> list[str]:
         """The executable (or the user's replacement, e.g. `npx -y @openai/codex`)."""
-        return list(agent.command) if agent.command else [self.executable]
+        return list(agent.command) if agent.command else [self.preset.executable or self.name]
 
     def auth_error(self, message: str) -> Parsed:
         return Parsed(ok=False, retryable=False,
@@ -272,7 +263,7 @@ class PresetRunner(CommandRunner):
 
     def failure(self, message: str, code: int | None = None) -> Parsed:
         """A failure classified by its text: credentials (final), transient (retryable)."""
-        message = message.strip() or (_exit_message(code) if code else "failed")
+        message = message.strip() or (exit_message(code) if code else "failed")
         if AUTH_PATTERNS.search(message):
             return self.auth_error(message)
         suffix = f" (exit code {code})" if code else ""
@@ -302,15 +293,12 @@ class PresetRunner(CommandRunner):
         return (f"{env + ' ' if env else ''}{shlex.join(inv.argv)}  "
                 f"(prompt on stdin; runner {self.name}{notes})")
 
-    def argv(self, job: Job, output: Path, prompt: str) -> list[str]:
-        return self.build(self._call(job, _staging_guess(job), show=True)).argv
-
     def _call(self, job: Job, staging: Staging, show: bool = False) -> Call:
         prompt = "<prompt>" if show else compose_prompt(job.spec, job.index)
         scratch = staging.root / f"{staging.target.name}.runner"
         return Call(job=job, prompt=prompt, scratch=scratch, show=show)
 
-    async def _run(self, job: Job, staging: Staging) -> Outcome:
+    async def attempt(self, job: Job, staging: Staging) -> Outcome:
         call = self._call(job, staging)
         try:
             return await self._invoke(call, staging)
@@ -322,14 +310,11 @@ class PresetRunner(CommandRunner):
         inv = self.build(call)
         env = self.env(job, staging.target)
         env.update(inv.env)
-        with open_creating_dirs(job.log_path, "wb" if job.attempt == 1 else "ab") as log:
-            log.write(_header(job, inv.argv).encode())
-            log.flush()
+        with self.open_log(job, inv.argv) as log:
             if shutil.which(inv.argv[0], path=env.get("PATH")) is None:
-                msg = (f"{self.name} runner: '{inv.argv[0]}' not found on PATH (agent "
-                       f"'{job.task.agent}', {job.agent.source}); {self.install_hint}")
-                log.write(f"error: {msg}\n".encode())
-                return Outcome(ok=False, error=msg, retryable=False)
+                return self.failed(log, f"'{inv.argv[0]}' not found on PATH (agent "
+                                        f"'{job.task.agent}', {job.agent.source}); "
+                                        f"{self.install_hint}", retryable=False)
             call.scratch.mkdir(parents=True, exist_ok=True)
             for path, text in inv.files.items():
                 path.write_text(text, encoding="utf-8")
@@ -339,38 +324,36 @@ class PresetRunner(CommandRunner):
                 try:
                     result = await self._spawn(inv, job, env, log, out, watcher)
                 except OSError as exc:
-                    msg = f"{self.name} runner: cannot start '{inv.argv[0]}': {exc.strerror or exc}"
-                    log.write(f"error: {msg}\n".encode())
-                    return Outcome(ok=False, error=msg, retryable=False)
+                    return self.failed(log, f"cannot start '{inv.argv[0]}': "
+                                            f"{io_error_message(exc, job)}",
+                                       retryable=is_transient(exc))
             stdout = capture.read_bytes()
             log.write(f"=== exit code {result.returncode}\n".encode())
             if result.survivors:  # nothing may outlive its task, even unpromotable
-                msg = f"{self.name} runner: {_survivors_message(result.survivors)}"
-                log.write(f"error: {msg}\n".encode())
-                return Outcome(ok=False, exit_code=result.returncode, pid=result.pid,
-                               error=msg, retryable=False)
-            if watcher.fatal is not None:
-                ev = watcher.fatal
-                parsed = Parsed(ok=False, error=ev.text, cause=ev.cause, retryable=False,
-                                retry_after=ev.retry_after)
-                parsed.metrics = self.parse(call, result.returncode, stdout,
-                                            watcher.stderr_text()).metrics
-            else:
-                parsed = self.parse(call, result.returncode, stdout, watcher.stderr_text())
-            if not parsed.ok:
-                msg = f"{self.name} runner: {parsed.error}"
-                log.write(f"error: {msg}\n".encode())
-                log.flush()
-                return Outcome(ok=False, exit_code=result.returncode, pid=result.pid, error=msg,
-                               retryable=parsed.retryable, metrics=parsed.metrics,
-                               retry_after=parsed.retry_after, cause=parsed.cause)
+                return self.failed(log, survivors_message(result.survivors), retryable=False,
+                                   exit_code=result.returncode, pid=result.pid)
+            parsed = self._verdict(call, result.returncode, stdout, watcher)
+            outcome = parsed.outcome(result.returncode, result.pid, self.error_prefix)
+            if not outcome.ok:
+                log_error(log, outcome.error or "")
+                return outcome
         text = parsed.text or ""
         if text and not text.endswith("\n"):
             text += "\n"
         with staging.open_stdout() as out:
             out.write(text.encode("utf-8"))
-        return Outcome(ok=True, exit_code=result.returncode, pid=result.pid,
-                       metrics=parsed.metrics)
+        return outcome
+
+    def _verdict(self, call: Call, code: int, stdout: bytes, watcher: _Watcher) -> Parsed:
+        """`parse`'s verdict, unless a fatal live event (bad credentials) already gave
+        one: then only the metrics are taken from `parse`."""
+        if watcher.fatal is None:
+            return self.parse(call, code, stdout, watcher.stderr_text())
+        ev = watcher.fatal
+        parsed = Parsed(ok=False, error=ev.text, cause=ev.cause, retryable=False,
+                        retry_after=ev.retry_after)
+        parsed.metrics = self.parse(call, code, stdout, watcher.stderr_text()).metrics
+        return parsed
 
     async def _spawn(self, inv: Invocation, job: Job, env: dict[str, str], log: IO[bytes],
                      capture: IO[bytes], watcher: _Watcher) -> Exit:
@@ -384,15 +367,10 @@ class PresetRunner(CommandRunner):
             while writers:
                 os.close(writers.pop())
 
-        hooks = self._registry_hooks(job)
-        registered = hooks.get("on_spawn")
-
         def on_spawn(pid: int) -> None:
             close_writers()  # the child holds them now; EOF comes when its group is gone
-            if registered is not None:
-                registered(pid)
 
-        hooks["on_spawn"] = on_spawn
+        hooks = self.registry_hooks(job, on_spawn)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(partial(pump, r_out, log=log, capture=capture,

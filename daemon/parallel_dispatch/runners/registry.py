@@ -12,9 +12,10 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..config import RUNNER_NAMES
 from ..orphans import AgentRegistry
+from ..presets import PRESETS, RUNNER_NAMES
 from ..process import KILL_GRACE_S
+from .attempt import AttemptRunner
 from .base import Job, Outcome
 from .claude import ClaudeRunner
 from .codex import CodexRunner
@@ -24,27 +25,11 @@ from .llm import LlmRunner
 from .openai import OpenAIRunner
 from .opencode import OpencodeRunner
 
-PRESETS: dict[str, type[CommandRunner]] = {
-    "claude": ClaudeRunner,
-    "codex": CodexRunner,
-    "gemini": GeminiRunner,
-    "opencode": OpencodeRunner,
-    "llm": LlmRunner,
-    "openai": OpenAIRunner,
-}
-assert tuple(PRESETS) == RUNNER_NAMES, "config.RUNNER_NAMES and PRESETS must agree"
-
-CLI_PRESETS = ("claude", "codex", "gemini", "opencode", "llm")
-"""Presets that run a local executable (the default runner is picked among these)."""
-
-
-def accepts_model(runner: str, model: str) -> bool:
-    """Whether a definition's frontmatter model means something to `runner`."""
-    return PRESETS[runner].accepts_model(model)  # type: ignore[attr-defined, no-any-return]
-
-
-def executable(runner: str) -> str | None:
-    return getattr(PRESETS[runner], "executable", None)
+RUNNERS: dict[str, type[AttemptRunner]] = {cls.name: cls for cls in (
+    ClaudeRunner, CodexRunner, GeminiRunner, OpencodeRunner, LlmRunner, OpenAIRunner)}
+"""Which class runs each preset of presets.RUNNER_NAMES (the one list of them)."""
+if tuple(RUNNERS) != RUNNER_NAMES:
+    raise AssertionError("runners.registry.RUNNERS must cover presets.RUNNER_NAMES, in order")
 
 
 class RunnerSet:
@@ -58,15 +43,15 @@ class RunnerSet:
         self._env = self.command.base_env
         self._grace = grace
         self._registry = registry
-        self._presets: dict[str, CommandRunner] = {}
+        self._presets: dict[str, AttemptRunner] = {}
 
-    def runner_for(self, job: Job) -> CommandRunner:
+    def runner_for(self, job: Job) -> AttemptRunner:
         name = job.agent.runner
         if name is None:
             return self.command
         runner = self._presets.get(name)
         if runner is None:
-            runner = self._presets[name] = PRESETS[name](self._env, self._grace,
+            runner = self._presets[name] = RUNNERS[name](self._env, self._grace,
                                                           registry=self._registry)
         return runner
 
@@ -95,14 +80,14 @@ def probe(runner: str, path_env: str | None = None, timeout: float = 10.0,
     """
     import shutil
 
-    cls = PRESETS[runner]
-    exe = prefix[0] if prefix else getattr(cls, "executable", None)
+    preset = PRESETS[runner]
+    exe = prefix[0] if prefix else preset.executable
     if not exe:
         return Probe(runner, None, None, "no executable (HTTP runner)")
     path = shutil.which(exe, path=path_env)
     if path is None:
         return Probe(runner, None, None, f"'{exe}' not found on PATH")
-    argv = [path, *(prefix[1:] if prefix else []), *getattr(cls, "version_args", ("--version",))]
+    argv = [path, *(prefix[1:] if prefix else []), *preset.version_args]
     shown = " ".join([exe, *argv[1:]])
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .fmt import fmt_duration, plural
-from .result import RunResult
-from .runners.base import Job, Runner
-from .spec import DispatchSpec
+from ..fmt import fmt_duration, plural
+from ..result import RunResult
+from ..runners.base import Job, Runner
+from ..spec import DispatchSpec
 
 
 def render_plan(spec: DispatchSpec, result: RunResult, runner: Runner) -> str:

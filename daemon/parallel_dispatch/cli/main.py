@@ -19,17 +19,17 @@ from typing import Any, TextIO
 
 import trio
 
-from . import __version__, agent_env
-from .api import overrides_from, run_spec
-from .config import find_project_dir
-from .errors import DispatchError, TaskFileError
-from .fmt import plural
-from .loader import load_spec
-from .model import task_file_schema
-from .orphans import AgentRegistry
+from .. import __version__, agent_env
+from ..api import overrides_from, run_spec
+from ..config import find_project_dir
+from ..errors import DispatchError, TaskFileError
+from ..fmt import plural
+from ..loader import load_spec
+from ..model import task_file_schema
+from ..orphans import AgentRegistry
+from ..progress import for_stream
+from ..runners import RunnerSet
 from .plan_view import render_plan
-from .progress import for_stream
-from .runners import RunnerSet
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "action":
-        from .action import main as action_main
+        from ..github.action import main as action_main
 
         return action_main(args_list[1:])
     if args_list and args_list[0] not in (*SUBCOMMANDS, "-h", "--help", "--version"):
@@ -236,7 +236,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             # /proc/<our pid>/environ (the Action does the same).
             agent_env.hide_own_environment(agent_env.secret_values(os.environ))
         if args.command == "watch":
-            from .daemon import run_daemon
+            from ..service.daemon import run_daemon
 
             tasks = Path(args.tasks_dir) if args.tasks_dir else None
             return run_daemon(_project(args.project), tasks, args.max_parallel, args.force)

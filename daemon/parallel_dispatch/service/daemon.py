@@ -33,25 +33,26 @@ from typing import Any
 import trio
 from watchfiles import Change
 
-from .agentdefs import search_dirs
-from .api import run_spec
-from .atomic import write_text
-from .config import BUILTIN_DEFAULTS, CONFIG_NAME, ProjectConfig, load_config
-from .errors import ConfigError, Diagnostic, DispatchError, TaskFileError
-from .fingerprint import hash_files
-from .fmt import now_iso, plural
-from .loader import load_spec
-from .orphans import REGISTRY_DIR, AgentRegistry
-from .progress import PlainProgress
-from .report import write_error_report
-from .result import COUNTED, PROBLEMS, RunResult, TaskRecord
-from .runners import RunnerSet
-from .scheduler import Scheduler
+from ..agentdefs import search_dirs
+from ..api import run_spec
+from ..atomic import write_text
+from ..config import BUILTIN_DEFAULTS, CONFIG_NAME, ProjectConfig, load_config
+from ..errors import ConfigError, Diagnostic, DispatchError, TaskFileError
+from ..fingerprint import hash_files
+from ..fmt import now_iso, plural
+from ..loader import load_spec
+from ..orphans import REGISTRY_DIR, AgentRegistry
+from ..progress import PlainProgress
+from ..report import write_error_report
+from ..result import COUNTED, PROBLEMS, RunResult, RunStatus, TaskRecord, TaskStatus
+from ..runners import RunnerSet
+from ..scheduler import Scheduler
+from ..spec import DispatchSpec
+from ..state import State
+from ..taskfiles import STATUS_FILE, ignored_name, is_task_file, task_name
+from ..yamlsafe import MAX_FILE_BYTES
 from .sdnotify import Notifier, watchdog_loop
-from .spec import DispatchSpec
-from .state import State
-from .watcher import ignored_name, is_task_file, static_root, watch
-from .yamlsafe import MAX_FILE_BYTES
+from .watcher import static_root, watch
 
 log = logging.getLogger("parallel_dispatch")
 
@@ -65,7 +66,6 @@ MAX_LOGGED_ERRORS = 10
 LOAD_THREADS = 2
 """Task files validated at once, in worker threads (off the event loop)."""
 WATCH_RETRY_S = 5.0
-STATUS_FILE = ".aiwg/dispatch-daemon.json"
 CONFIG_DISPLAY = f".aiwg/{CONFIG_NAME}"
 CANARY = ".dispatch-watch-canary"
 """Written into the tasks folder to learn when the file watcher is live."""
@@ -425,7 +425,7 @@ class Daemon:
         if fs is None:
             if not _exists(path) or self.stopping:
                 return
-            fs = self.files[path] = TaskFileState(path, _name(path, self.tasks_dir))
+            fs = self.files[path] = TaskFileState(path, task_name(path, self.tasks_dir))
             assert self._nursery is not None
             self._nursery.start_soon(self._file_loop, fs)
         else:
@@ -531,8 +531,9 @@ class Daemon:
             self.changed()
         r = fs.result
         log.info("[%s] run %s %s: %d succeeded, %d cached, %d failed, %d skipped; report %s",
-                 fs.name, r.run_id, r.status, r.count("succeeded"), r.count("cached"),
-                 sum(r.count(p) for p in PROBLEMS), r.count("skipped"),
+                 fs.name, r.run_id, r.status, r.count(TaskStatus.SUCCEEDED),
+                 r.count(TaskStatus.CACHED), sum(r.count(p) for p in PROBLEMS),
+                 r.count(TaskStatus.SKIPPED),
                  r.report_md_path)
 
     async def _settled(self, fs: TaskFileState, read: str | None) -> bool:
@@ -583,7 +584,7 @@ class Daemon:
         they read may have changed while the daemon was down.
         """
         last = State.load(spec.settings.output_dir).runs
-        return (last.get("status") in ("succeeded", "failed")
+        return (last.get("status") in (RunStatus.SUCCEEDED, RunStatus.FAILED)
                 and last.get("task_file_hash") == spec.source_hash
                 and not any(t.files for t in spec.tasks))
 
@@ -760,12 +761,6 @@ def _mtime_ns(path: Path) -> int:
         return path.stat().st_mtime_ns
     except OSError:
         return 0
-
-
-def _name(path: Path, tasks_dir: Path) -> str:
-    """`tasks/review.yaml` → `review`; nested files keep their folders."""
-    rel = path.relative_to(tasks_dir) if path.is_relative_to(tasks_dir) else Path(path.name)
-    return str(rel.with_suffix(""))
 
 
 def run_daemon(project: Path, tasks_dir: Path | None, max_parallel: int | None,

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ProjectConfig, load_config, resolve_settings
-from .daemon import STATUS_FILE, _name
-from .errors import DispatchError, TaskFileError
-from .fmt import plural
-from .loader import load_spec
-from .model import Settings
-from .report import REPORT_JSON
-from .result import COUNTED
-from .state import STATE_FILE, State
-from .watcher import is_task_file
+from ..config import ProjectConfig, load_config, resolve_settings
+from ..errors import DispatchError, TaskFileError
+from ..fmt import plural
+from ..loader import load_spec
+from ..model import Settings
+from ..report import REPORT_JSON
+from ..result import COUNTED, RunStatus
+from ..state import STATE_FILE, State
+from ..taskfiles import STATUS_FILE, is_task_file, task_name
 
 
 def _daemon(project: Path) -> dict[str, Any] | None:
@@ -48,7 +48,8 @@ class _Run:
     state: State
 
     @property
-    def info(self) -> dict[str, Any]:
+    def info(self) -> Mapping[str, Any]:
+        """`[last_run]` (a `RunEntry`), read with its per-status counts by name."""
         return self.state.runs
 
     @property
@@ -110,7 +111,7 @@ def _run_lines(run: _Run, project: Path) -> list[str]:
     last = run.info
     status = last.get("status", "?")
     out = _rel(run.out, project)
-    if status == "running":
+    if status == RunStatus.RUNNING:
         pid = last.get("pid")
         done = sum(1 for t in run.state.tasks.values()
                    if isinstance(t, dict) and t.get("finished_run") == last.get("run_id"))
@@ -154,7 +155,7 @@ def render_status(project: Path, tasks_dir: Path | None = None) -> str:
         lines.append(f"no task files in {tasks_dir}")
     specs: dict[Path, tuple[str, Path | None, str | None]] = {}
     for path in files:
-        name = _name(path, tasks_dir)
+        name = task_name(path, tasks_dir)
         try:
             spec = load_spec(path, config=config, default_subdir=name)
         except TaskFileError as exc:
@@ -178,7 +179,8 @@ def render_status(project: Path, tasks_dir: Path | None = None) -> str:
         now = live.get(name) or {}
         if invalid is None and now.get("error"):
             lines.append(f"  could not run: {now['error']}")
-        if run is not None and now.get("running") and run.info.get("status") == "running":
+        if (run is not None and now.get("running")
+                and run.info.get("status") == RunStatus.RUNNING):
             run = None  # the daemon runs it now: its own live view (below) says more
         if run is not None:
             lines += _run_lines(run, project)

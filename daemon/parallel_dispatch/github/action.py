@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from . import github as gh
+from ..agent_env import hide_own_environment, redact, secret_values
+from ..errors import DispatchError, TaskFileError
+from ..result import PROBLEMS, RunStatus, verb
+from . import comment as gh
 from . import workflow_commands as wc
-from .agent_env import hide_own_environment, redact, secret_values
-from .errors import DispatchError, TaskFileError
-from .result import PROBLEMS, VERBS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 FAIL_ON = ("failure", "never")
@@ -183,12 +183,12 @@ def _annotate(report: Mapping[str, Any]) -> None:
         status = task.get("status")
         if status not in PROBLEMS:
             continue
-        verb = VERBS.get(str(status), str(status))
         lines = [str(task.get("error") or f"exit code {task.get('exit_code')}")]
         tail = [_clip(str(x)) for x in task.get("log_tail") or []][-ANNOTATION_LOG_LINES:]
         if tail:
             lines += ["", "Last log lines:", *tail]
-        wc.error("\n".join(lines), title=f"Task {task.get('id')} {verb} ({task.get('agent')})")
+        wc.error("\n".join(lines),
+                 title=f"Task {task.get('id')} {verb(str(status))} ({task.get('agent')})")
 
 
 def _read_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
@@ -288,7 +288,7 @@ def _report_invalid(inputs: Inputs, ctx: GitHubContext, exc: TaskFileError) -> N
     markdown = _invalid_markdown(inputs.task_file, exc)
     wc.append_summary(markdown)
     outputs = {
-        "status": "invalid",
+        "status": RunStatus.INVALID.value,
         "succeeded": "0",
         "failed": "0",
         "skipped": "0",
@@ -318,8 +318,8 @@ def _dispatch(inputs: Inputs, secrets: Sequence[str]) -> Any:
     whole run is fenced with `::stop-commands::` (which also covers anything else
     printed meanwhile, on stdout or stderr).
     """
-    from .api import dispatch  # the core; imported late so `--help` stays light
-    from .progress import PlainProgress
+    from ..api import dispatch  # the core; imported late so `--help` stays light
+    from ..progress import PlainProgress
 
     stream = wc.InertLines(sys.stdout, secrets)  # stdout: keeps lines in order with groups
     with wc.commands_stopped():
@@ -351,7 +351,7 @@ def _redact_data(value: Any, secrets: Sequence[str]) -> Any:
 
 def _scrub_reports(paths: Sequence[Path], secrets: Sequence[str]) -> None:
     """Redact the report files in place: workflows upload them as artifacts."""
-    from .atomic import write_text
+    from ..atomic import write_text
 
     forms = [*secrets, *(json.dumps(s)[1:-1] for s in secrets)]  # as JSON would escape it
     for path in paths:
@@ -372,7 +372,7 @@ def _redact_error(exc: TaskFileError, secrets: Sequence[str]) -> TaskFileError:
 def _check_task_file(task_file: str) -> None:
     """A task file reached through a symlink must stay in the workspace (a PR can add
     such a symlink); it is refused unread, before anything else looks at it."""
-    from .loader import check_confined
+    from ..loader import check_confined
 
     workspace = Path(os.environ.get("GITHUB_WORKSPACE") or os.getcwd())
     check_confined(Path(task_file), [workspace])
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     _write_summary(report_md, str(result.report_md_path))
     _annotate(report)
     _print_logs(report, secrets)
-    status = str(report.get("status", "failed"))
+    status = str(report.get("status", RunStatus.FAILED))
     outputs = {
         "status": status,
         **{k: str(v) for k, v in _counts(report).items()},
@@ -416,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         "report-json": str(result.report_json_path),
     }
     comment_ok = _finish(inputs, ctx, report_md, outputs)
-    if status == "interrupted":
+    if status == RunStatus.INTERRUPTED:
         return EXIT_INTERRUPTED
-    if status != "succeeded" and inputs.fail_on == "failure":
+    if status != RunStatus.SUCCEEDED and inputs.fail_on == "failure":
         return EXIT_FAILED
     return EXIT_OK if comment_ok else EXIT_FAILED
 

@@ -17,12 +17,13 @@ from typing import Any, TextIO
 
 import tomli_w
 
-from .atomic import write_text
-from .config import ProjectConfig, find_project_dir, load_config
-from .fmt import plural
-from .resolve import AgentResolver, AgentRow
-from .runners.openai import DEFAULT_BASE_URL, DEFAULT_KEY_ENV
-from .runners.registry import CLI_PRESETS, PRESETS, Probe, probe
+from ..atomic import write_text
+from ..config import ProjectConfig, find_project_dir, load_config
+from ..fmt import plural
+from ..presets import CLI_PRESETS, RUNNER_NAMES
+from ..resolve import AgentResolver, AgentRow
+from ..runners.openai import DEFAULT_BASE_URL, DEFAULT_KEY_ENV
+from ..runners.registry import Probe, probe
 
 CONFIG_REL = Path(".aiwg") / "dispatch.toml"
 EXAMPLE_REL = Path(".aiwg") / "tasks" / "example.yaml"
@@ -250,7 +251,7 @@ def doctor_command(config_path: str | None, timeout: float = 10.0,
     print(f"config:  {config.path or '(none: built-in defaults)'}", file=out)
     probes = _probe_all(config, timeout)
     print("\nRunners:", file=out)
-    for name in PRESETS:
+    for name in RUNNER_NAMES:
         if name == "openai":
             print(f"  · openai    HTTP: {_openai_line(config)}", file=out)
             continue

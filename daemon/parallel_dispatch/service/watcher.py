@@ -1,14 +1,12 @@
-"""File watching for the daemon: which paths matter, and a stoppable `awatch`.
+"""File watching for the daemon: what to watch, and a stoppable `awatch`.
 
-watchfiles' default filter keeps `*.tmp` and other editor droppings, so task
-files are recognised here: `*.yaml`/`*.yml`, no dotfiles, no swap, backup or
-temp files.  The rust watcher is stopped through `stop_event` (not by
-cancellation, which can take up to `rust_timeout` to land).
+Which files are task files is `taskfiles.py`'s (the `status` command needs it too).
+The rust watcher is stopped through `stop_event` (not by cancellation, which can
+take up to `rust_timeout` to land).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from pathlib import Path
@@ -16,29 +14,10 @@ from pathlib import Path
 import trio
 from watchfiles import Change, awatch
 
-TASK_SUFFIXES = (".yaml", ".yml")
-_IGNORED = re.compile(
-    r"""^\.            # dotfiles, incl. vim's .x.swp and emacs' .#x
-      | ~$ | \#$        # backups: x~  #x#
-      | \.sw[a-p]$ | \.swx$
-      | \.(tmp|temp|bak|orig|part|crdownload|kate-swp)$
-      | ^4913$          # vim's write test
-    """,
-    re.VERBOSE | re.IGNORECASE,
-)
-
 STEP_MS = 10
 """watchfiles yields once no new event arrived for this long: bursts of writes
 from one save become one batch, and reaction time stays in tens of ms."""
 RUST_TIMEOUT_MS = 1000
-
-
-def ignored_name(name: str) -> bool:
-    return bool(_IGNORED.search(name))
-
-
-def is_task_file(path: Path) -> bool:
-    return path.suffix.lower() in TASK_SUFFIXES and not ignored_name(path.name)
 
 
 def static_root(pattern: str, project: Path) -> Path:
