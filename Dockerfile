@@ -10,7 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/parallel-dispatch
 COPY pyproject.toml README.md ./
 COPY daemon ./daemon
-RUN pip install --no-cache-dir . \
+# The daemon extra (watchfiles): `watch` is what this image runs.
+RUN pip install --no-cache-dir './[daemon]' \
     && groupadd --gid 10001 dispatch \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin dispatch
 

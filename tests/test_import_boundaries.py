@@ -191,3 +191,26 @@ def test_validating_a_file_imports_no_execution_machinery(tmp_path: Path) -> Non
     loaded = [m for m in out["modules"]
               if any(m == x or m.startswith(x + ".") for x in EXECUTION)]
     assert loaded == []
+
+
+def test_version_and_help_import_nothing_they_do_not_use() -> None:
+    """`--version` and `--help` cost an interpreter start (issue 9 §23): argparse and
+    the CLI module, none of the core, pydantic, PyYAML or trio."""
+    code = textwrap.dedent("""\
+        import json, sys
+        from parallel_dispatch.cli import main
+        code = main(sys.argv[1:])
+        print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+    """)
+    for flag in ("--version", "--help"):
+        proc = subprocess.run([sys.executable, "-c", code, flag], capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout.splitlines()[-1])
+        assert out["code"] == 0
+        ours = [m for m in out["modules"] if m.split(".")[0] == "parallel_dispatch"]
+        assert ours == ["parallel_dispatch", "parallel_dispatch.cli",
+                        "parallel_dispatch.cli.main"], flag
+        heavy = [m for m in out["modules"] if m.split(".")[0] in
+                 ("trio", "pydantic", "pydantic_core", "yaml", "httpx", "watchfiles", "github")]
+        assert heavy == [], flag

@@ -71,3 +71,13 @@ def test_action_inputs_reach_the_command_only_through_env() -> None:
         "report-json",
         "comment-url",
     }
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """`.ci/run` copies the README's step 3 (ruff, mypy --strict, pytest): CI must run what a
+    contributor is told to run, so an edit to one without the other fails here."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    step = readme.split("# 3. Run the tests:\n", 1)[1].split("\n", 1)[0]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").rstrip().splitlines()
+    assert ci[-2:] == ["# The README's test command:", step]
+    assert "mypy" in step.split(" && ")

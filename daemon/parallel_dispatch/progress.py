@@ -138,7 +138,7 @@ class LiveProgress(PlainProgress):
     def redraw(self) -> None:
         now = time.monotonic()
         self._drawn = now
-        names = sorted(self.running, key=self.running.get)  # type: ignore[arg-type]
+        names = sorted(self.running, key=self.running.__getitem__)
         width = _width(self.stream)
         # Each shown task gets an equal share of the line for its latest event.
         share = (width - 50) // max(1, min(len(names), 4))

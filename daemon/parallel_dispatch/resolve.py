@@ -27,9 +27,9 @@ from . import agentdefs
 from .agentdefs import AgentDefinition, Discovery, fold
 from .agents import FALLBACK, SHELL_AGENT, AgentSpec, resolve_agent
 from .config import AgentConfig, ProjectConfig, RunnerConfig
-from .presets import RUNNER_NAMES, accepts_model
+from .presets import RUNNER_NAMES, RunnerName, accepts_model
 
-DEFAULT_CLI = "claude"
+DEFAULT_CLI: RunnerName = "claude"
 
 
 class ResolveError(Exception):
@@ -57,7 +57,7 @@ class AgentResolver:
         self.home = home
         self.path_env = path_env if path_env is not None else os.environ.get("PATH", "")
         self._discovery: Discovery | None = None
-        self._default: tuple[str | None] | None = None
+        self._default: tuple[RunnerName | None] | None = None
         self._cache: dict[str, AgentSpec | ResolveError] = {}
 
     @property
@@ -66,7 +66,7 @@ class AgentResolver:
             self._discovery = agentdefs.scan(self.config.root, self.home)
         return self._discovery
 
-    def default_runner(self) -> str | None:
+    def default_runner(self) -> RunnerName | None:
         """`[defaults] runner`, else `claude` when it is on PATH, else None."""
         if self._default is None:
             chosen = self.config.default_runner
@@ -131,7 +131,7 @@ class AgentResolver:
                 f"configured: {self._no_runner_fix()}")
         return self._preset(name, runner, star, definition, source)
 
-    def _preset(self, name: str, runner: str, cfg: AgentConfig | None,
+    def _preset(self, name: str, runner: RunnerName, cfg: AgentConfig | None,
                 definition: AgentDefinition | None, source: str) -> AgentSpec:
         base = self.config.runners.get(runner) or RunnerConfig()
         own = cfg or AgentConfig(runner=runner)
@@ -206,9 +206,9 @@ class AgentResolver:
             try:
                 spec = self.resolve(name)
             except ResolveError as exc:
-                d = self.discovery.get(name)
-                rows.append(AgentRow(name, "-", d.model if d else None,
-                                     self.rel(d.path) if d else "-", None, str(exc)))
+                known = self.discovery.get(name)
+                rows.append(AgentRow(name, "-", known.model if known else None,
+                                     self.rel(known.path) if known else "-", None, str(exc)))
                 continue
             file = (self.rel(spec.definition.path) if spec.definition is not None
                     else spec.source)

@@ -6,6 +6,7 @@ the loader uses, so `agents` and `doctor` can never disagree with a real run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -259,6 +260,9 @@ def doctor_command(config_path: str | None, timeout: float = 10.0,
         mark = "✓" if p.version else "✗"
         print(f"  {mark} {name:<9} {p.version or p.problem}"
               f"{'  ' + p.path if p.path and p.version else ''}", file=out)
+    print("\nExtras:", file=out)
+    for line in _extras_lines():
+        print(f"  {line}", file=out)
     print(f"\ndefault runner: {_default_line(config, resolver)}", file=out)
     print("\nAgents:", file=out)
     rows = resolver.rows()
@@ -277,6 +281,32 @@ def doctor_command(config_path: str | None, timeout: float = 10.0,
     print(f"\n{'no problems found' if not problems else plural(problems, 'problem') + ' found'}",
           file=out)
     return 0 if not problems else 1
+
+
+EXTRA_MODULES = {"daemon": ("watch", ("watchfiles",)),
+                 "action": ("action", ("github", "requests"))}
+"""Each optional extra: the command that needs it and the modules it installs."""
+
+
+def _extras_lines() -> list[str]:
+    """Which extras are installed; a missing one is not a problem, only its command fails."""
+    lines = []
+    for extra, (command, modules) in EXTRA_MODULES.items():
+        missing = [m for m in modules if not _importable(m)]
+        if missing:
+            lines.append(f"· {extra:<9} not installed, so `parallel-dispatch {command}` is "
+                         f"unavailable: pip install 'parallel-dispatch[{extra}]'")
+        else:
+            lines.append(f"✓ {extra:<9} `parallel-dispatch {command}`")
+    return lines
+
+
+def _importable(module: str) -> bool:
+    """Found on the path, without importing it (PyGithub alone costs ~0.2 s)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _probe_all(config: ProjectConfig, timeout: float) -> dict[str, Probe]:

@@ -3,35 +3,33 @@
 The bare form mirrors the reference's usage line; subcommands cover the rest.
 Exit codes: 0 all tasks succeeded, 1 a task failed/timed out/was skipped,
 2 invalid input or usage, 130 interrupted.
+
+Start-up: at import this module needs only argparse and the version, so `--version`
+and `--help` cost an interpreter start and no more (issue 9 §23).  Each command
+imports what it uses when it runs: `validate` the loader (pydantic, PyYAML), `run`
+trio, the scheduler and the runners; `watch` and `action` the optional extras.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import trio
+from .. import __version__
 
-from .. import __version__, agent_env
-from ..api import overrides_from, run_spec
-from ..config import find_project_dir
-from ..errors import DispatchError, TaskFileError
-from ..fmt import plural
-from ..loader import load_spec
-from ..model import task_file_schema
-from ..orphans import AgentRegistry
-from ..progress import for_stream
-from ..runners import RunnerSet
-from .plan_view import render_plan
+if TYPE_CHECKING:
+    from ..errors import TaskFileError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EXTRAS = {"watchfiles": "daemon", "github": "action", "requests": "action"}
+"""Top-level module → the extra (pyproject.toml) that installs it: only the daemon and
+the Action need these, so a plain `pip install parallel-dispatch` leaves them out."""
 
 SUBCOMMANDS = ("run", "validate", "plan", "schema", "action", "watch", "status", "agents", "init",
                "doctor")
@@ -193,9 +191,9 @@ def _quiet_pipes() -> Iterator[None]:
     """Wrap sys.stdout and sys.stderr in `_QuietPipe` while a command runs."""
     saved = sys.stdout, sys.stderr
     if not isinstance(sys.stdout, _QuietPipe):
-        sys.stdout = _QuietPipe(sys.stdout)  # type: ignore[assignment]
+        sys.stdout = _QuietPipe(sys.stdout)
     if not isinstance(sys.stderr, _QuietPipe):
-        sys.stderr = _QuietPipe(sys.stderr)  # type: ignore[assignment]
+        sys.stderr = _QuietPipe(sys.stderr)
     try:
         yield
         sys.stdout.flush()  # here, so a closed pipe is met while it is still handled
@@ -209,12 +207,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
 
 
+def _missing_extra(exc: ImportError) -> str | None:
+    """The extra whose absence (or broken install) `exc` is, else None."""
+    name = exc.name or ""
+    return EXTRAS.get(name.partition(".")[0])
+
+
+def _launch(command: str, load: Callable[[], Callable[[], int]]) -> int:
+    """Import a front end that needs an extra, then run it.
+
+    A missing extra is one line naming what to install and exit 2, not an ImportError
+    traceback: `pip install parallel-dispatch` alone leaves out PyGithub and watchfiles.
+    """
+    try:
+        run = load()
+    except ImportError as exc:
+        extra = _missing_extra(exc)
+        if extra is None:
+            raise
+        print(f"parallel-dispatch: error: `parallel-dispatch {command}` needs the "
+              f"'{extra}' extra ({exc}): pip install 'parallel-dispatch[{extra}]'",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return run()
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "action":
-        from ..github.action import main as action_main
+        def load_action() -> Callable[[], int]:
+            from ..github.action import main as action_main
 
-        return action_main(args_list[1:])
+            return lambda: action_main(args_list[1:])
+
+        return _launch("action", load_action)
     if args_list and args_list[0] not in (*SUBCOMMANDS, "-h", "--help", "--version"):
         args_list.insert(0, "run")  # the bare form, options first or not: `-q tasks.yaml`
     parser = build_parser()
@@ -225,21 +251,33 @@ def _main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
+    from ..errors import DispatchError, TaskFileError
+
     try:
         if args.command == "validate":
             return _validate(args.files, args.config)
         if args.command == "schema":
+            import json
+
+            from ..model import task_file_schema
+
             print(json.dumps(task_file_schema(), indent=2))
             return EXIT_OK
         if args.command in ("watch", "run"):
+            from .. import agent_env
+
             # Agents are our children: keep them from reading withheld secrets out of
             # /proc/<our pid>/environ (the Action does the same).
             agent_env.hide_own_environment(agent_env.secret_values(os.environ))
         if args.command == "watch":
-            from ..service.daemon import run_daemon
+            def load_daemon() -> Callable[[], int]:
+                from ..service.daemon import run_daemon
 
-            tasks = Path(args.tasks_dir) if args.tasks_dir else None
-            return run_daemon(_project(args.project), tasks, args.max_parallel, args.force)
+                tasks = Path(args.tasks_dir) if args.tasks_dir else None
+                return lambda: run_daemon(_project(args.project), tasks, args.max_parallel,
+                                          args.force)
+
+            return _launch("watch", load_daemon)
         if args.command == "status":
             from .status import render_status
 
@@ -268,6 +306,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 def _project(given: str | None) -> Path:
     """PROJECT_DIR as given, else the project around the current directory."""
+    from ..config import find_project_dir
+
     return Path(given) if given else find_project_dir(Path.cwd())
 
 
@@ -281,6 +321,10 @@ def _print_diagnostics(exc: TaskFileError) -> None:
 
 
 def _validate(files: list[str], config: str | None) -> int:
+    from ..errors import TaskFileError
+    from ..fmt import plural
+    from ..loader import load_spec
+
     status = EXIT_OK
     for f in files:
         try:
@@ -295,6 +339,17 @@ def _validate(files: list[str], config: str | None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import gc
+
+    import trio
+
+    from ..api import overrides_from, run_spec
+    from ..loader import load_spec
+    from ..orphans import AgentRegistry
+    from ..progress import for_stream
+    from ..runners import RunnerSet
+    from .plan_view import render_plan
+
     spec = load_spec(args.task_file, config_path=args.config, overrides=overrides_from(
         max_parallel=args.max_parallel, timeout_ms=args.timeout, output_dir=args.output,
         on_failure=args.on_failure, max_cost_usd=args.max_cost,

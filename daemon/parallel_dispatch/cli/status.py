@@ -166,10 +166,10 @@ def render_status(project: Path, tasks_dir: Path | None = None) -> str:
         specs[path.resolve()] = (name, spec.settings.output_dir, None)
     runs = _runs(project, config, {out for _n, out, _e in specs.values() if out is not None})
     by_file: dict[Path | None, _Run] = {}
-    for run in runs:
-        key = run.task_file(project)
-        if key not in by_file or run.when > by_file[key].when:
-            by_file[key] = run
+    for candidate in runs:
+        key = candidate.task_file(project)
+        if key not in by_file or candidate.when > by_file[key].when:
+            by_file[key] = candidate
     for path, (name, out, invalid) in specs.items():
         lines.append("")
         lines.append(f"{name}  ({_rel(path, project)})")

@@ -39,6 +39,8 @@ from .preset import (
     PresetRunner,
     StreamName,
     add,
+    as_dict,
+    as_list,
     jsonl,
     last_line,
 )
@@ -153,7 +155,7 @@ class ClaudeRunner(PresetRunner):
         kind, subtype = ev.get("type"), ev.get("subtype")
         if kind == "system" and subtype == "init":
             seen.key_source = _str(ev.get("apiKeySource"))
-            tools = ev.get("tools") if isinstance(ev.get("tools"), list) else []
+            tools = as_list(ev.get("tools"))
             version = _str(ev.get("claude_code_version"))
             who = f"claude {version}" if version else "claude"
             return AgentEvent(f"{who} started: model {ev.get('model')}, {len(tools)} tools")
@@ -285,8 +287,8 @@ def _retry_cause(status: Any, error: str) -> Cause:
 
 
 def _assistant_event(ev: dict[str, Any], seen: _Seen) -> AgentEvent | None:
-    msg = ev.get("message") if isinstance(ev.get("message"), dict) else {}
-    content = msg.get("content") if isinstance(msg.get("content"), list) else []
+    msg = as_dict(ev.get("message"))
+    content = as_list(msg.get("content"))
     if ev.get("is_api_error_message") or ev.get("error"):
         status = ev.get("api_error_status")
         cause = (status_cause(status) if isinstance(status, int) else None) \
@@ -299,7 +301,7 @@ def _assistant_event(ev: dict[str, Any], seen: _Seen) -> AgentEvent | None:
             return AgentEvent(f"tool: {block.get('name')} {_tool_summary(block.get('input'))}"
                               .rstrip(), kind="tool")
     mid = _str(msg.get("id"))
-    usage = msg.get("usage") if isinstance(msg.get("usage"), dict) else {}
+    usage = as_dict(msg.get("usage"))
     if mid is None or mid in seen.messages:
         return None
     seen.messages.add(mid)

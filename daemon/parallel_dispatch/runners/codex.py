@@ -31,6 +31,7 @@ from .preset import (
     PresetRunner,
     StreamName,
     add,
+    cause_patterns,
     jsonl,
     toml_string,
 )
@@ -46,20 +47,19 @@ STATUS = re.compile(r"\bstatus:? (\d{3})\b")
 `exceeded retry limit, last status: 429 Too Many Requests`."""
 QUOTA = (r"usage limit|insufficient_quota|quota exceeded|out of credits|usage_not_included|"
          r"purchase more credits")
-TEXT_CAUSES: tuple[tuple[Cause, re.Pattern[str]], ...] = tuple(
-    (cause, re.compile(pattern, re.IGNORECASE)) for cause, pattern in (
-        ("auth", r"missing environment variable|invalid_api_key|incorrect api key|"
-                 r"not logged in|refresh token|please log ?in|401 unauthorized"),
-        ("quota", QUOTA),
-        ("rate_limit", r"too many requests|rate.?limit"),
-        ("overloaded", r"at capacity|overloaded|slow_down|service unavailable"),
-        ("unreachable", r"waiting for network|connection failed|error sending request|"
-                        r"failed to lookup address|name does not resolve|"
-                        r"connection refused|network is unreachable|dns error"),
-        ("server", r"high demand|internal server error|server_error|bad gateway|"
-                   r"stream disconnected|idle timeout waiting for sse|response\.failed"),
-        ("bad_request", r"invalid_request_error|context_length_exceeded|context window"),
-    ))
+TEXT_CAUSES = cause_patterns(
+    ("auth", r"missing environment variable|invalid_api_key|incorrect api key|"
+             r"not logged in|refresh token|please log ?in|401 unauthorized"),
+    ("quota", QUOTA),
+    ("rate_limit", r"too many requests|rate.?limit"),
+    ("overloaded", r"at capacity|overloaded|slow_down|service unavailable"),
+    ("unreachable", r"waiting for network|connection failed|error sending request|"
+                    r"failed to lookup address|name does not resolve|"
+                    r"connection refused|network is unreachable|dns error"),
+    ("server", r"high demand|internal server error|server_error|bad gateway|"
+               r"stream disconnected|idle timeout waiting for sse|response\.failed"),
+    ("bad_request", r"invalid_request_error|context_length_exceeded|context window"),
+)
 """codex's own wording per cause, for messages that carry no HTTP status (its 500 says
 "We're currently experiencing high demand", its 503 "Selected model is at capacity")."""
 

@@ -37,6 +37,8 @@ from .preset import (
     PresetRunner,
     StreamName,
     add,
+    as_dict,
+    cause_patterns,
     jsonl,
     strip_ansi,
 )
@@ -72,25 +74,24 @@ RETRY_AFTER = re.compile(r"(?:Suggested retry after|Please retry in) (?P<n>[\d.]
 STATUS_IN_TEXT = re.compile(r"\bstatus:? (?P<s>\d{3})\b|\b(?P<t>[45]\d\d) error\b")
 API_ERROR_LINE = "Error when talking to Gemini API"
 
-TEXT_CAUSES: tuple[tuple[Cause, re.Pattern[str]], ...] = tuple(
-    (cause, re.compile(pattern, re.IGNORECASE)) for cause, pattern in (
-        ("auth", r"api key not valid|api_key_invalid|api key expired|unauthenticated|"
-                 r"permission_denied|invalid authentication credentials|"
-                 r"must specify the GEMINI_API_KEY|please set an auth method|"
-                 r"invalid auth method selected"),
-        ("quota", r"daily quota|exhausted your capacity|capacity exceeded|"
-                  r"model_capacity_exhausted|quota_exhausted|insufficient_g1_credits|"
-                  r"limit:\s*0(?![\d.])|PerDay"),
-        ("rate_limit", r"exceeded your current quota|resource_exhausted|rate.?limit|"
-                       r"too many requests|quota"),
-        ("overloaded", r"overloaded|unavailable|high demand"),
-        ("server", r"internal error|\binternal\b|bad gateway|deadline_exceeded"),
-        ("unreachable", r"fetch failed|econnrefused|econnreset|enotfound|eai_again|"
-                        r"etimedout|und_err_\w*timeout|network is unreachable|"
-                        r"socket hang up"),
-        ("bad_request", r"invalid_argument|not found for api version|failed_precondition|"
-                        r"exceeds the maximum number of tokens"),
-    ))
+TEXT_CAUSES = cause_patterns(
+    ("auth", r"api key not valid|api_key_invalid|api key expired|unauthenticated|"
+             r"permission_denied|invalid authentication credentials|"
+             r"must specify the GEMINI_API_KEY|please set an auth method|"
+             r"invalid auth method selected"),
+    ("quota", r"daily quota|exhausted your capacity|capacity exceeded|"
+              r"model_capacity_exhausted|quota_exhausted|insufficient_g1_credits|"
+              r"limit:\s*0(?![\d.])|PerDay"),
+    ("rate_limit", r"exceeded your current quota|resource_exhausted|rate.?limit|"
+                   r"too many requests|quota"),
+    ("overloaded", r"overloaded|unavailable|high demand"),
+    ("server", r"internal error|\binternal\b|bad gateway|deadline_exceeded"),
+    ("unreachable", r"fetch failed|econnrefused|econnreset|enotfound|eai_again|"
+                    r"etimedout|und_err_\w*timeout|network is unreachable|"
+                    r"socket hang up"),
+    ("bad_request", r"invalid_argument|not found for api version|failed_precondition|"
+                    r"exceeds the maximum number of tokens"),
+)
 """Cause per wording, for messages without an HTTP status."""
 
 STDERR_NOISE = re.compile(
@@ -325,7 +326,7 @@ def _stream_event(ev: dict[str, Any]) -> AgentEvent | None:
             prefix = f"{CAUSES[cause]}: " if cause else "error: "
             return AgentEvent(prefix + _short(api.describe()), kind="error", cause=cause,
                               retry_after=api.retry_after)
-        stats = ev.get("stats") if isinstance(ev.get("stats"), dict) else {}
+        stats = as_dict(ev.get("stats"))
         return AgentEvent(f"done: {stats.get('input_tokens', 0):,} input / "
                           f"{stats.get('output_tokens', 0):,} output tokens", kind="tokens")
     return None

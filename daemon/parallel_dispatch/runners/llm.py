@@ -27,23 +27,22 @@ import re
 from typing import Any
 
 from ..events import AgentEvent, Cause
-from .preset import Call, Invocation, Parsed, PresetRunner, StreamName, last_line
+from .preset import Call, Invocation, Parsed, PresetRunner, StreamName, cause_patterns, last_line
 
 USAGE_RE = re.compile(r"Token usage: ([\d,]+) input, ([\d,]+) output")
 STATUS_RE = re.compile(r"Error code: (\d{3})\b")
 RETRY_RE = re.compile(r"Retrying request in ([\d.]+) seconds \(retry (\d+) of (\d+)\)")
 WAIT_RE = re.compile(r"try again in (\d+(?:\.\d+)?)(ms|s)\b", re.IGNORECASE)
-TEXT_CAUSES: tuple[tuple[Cause, re.Pattern[str]], ...] = tuple(
-    (cause, re.compile(pattern, re.IGNORECASE)) for cause, pattern in (
-        ("auth", r"no key found|incorrect api key|invalid[ _]api[ _]key|unauthori[sz]ed|"
-                 r"authentication"),
-        ("quota", r"insufficient_quota|exceeded your current quota"),
-        ("rate_limit", r"rate.?limit"),
-        ("overloaded", r"overloaded"),
-        ("bad_request", r"context window|context length|context_length_exceeded|"
-                        r"maximum context|too many tokens"),
-        ("unreachable", r"^connection error\.?$|connection refused|name or service not known"),
-    ))
+TEXT_CAUSES = cause_patterns(
+    ("auth", r"no key found|incorrect api key|invalid[ _]api[ _]key|unauthori[sz]ed|"
+             r"authentication"),
+    ("quota", r"insufficient_quota|exceeded your current quota"),
+    ("rate_limit", r"rate.?limit"),
+    ("overloaded", r"overloaded"),
+    ("bad_request", r"context window|context length|context_length_exceeded|"
+                    r"maximum context|too many tokens"),
+    ("unreachable", r"^connection error\.?$|connection refused|name or service not known"),
+)
 
 
 def classify(message: str) -> tuple[Cause | None, int | None]:

@@ -51,6 +51,8 @@ from .preset import (
     PresetRunner,
     StreamName,
     add,
+    as_dict,
+    cause_patterns,
     jsonl,
     strip_ansi,
 )
@@ -77,17 +79,16 @@ CLAUDE_TOOLS: dict[str, str] = {
 AUTH_TEXT = re.compile(r"incorrect api key|invalid[ _]api[ _]key|invalid x-api-key|"
                        r"api key (?:is )?(?:missing|invalid|not valid)|\b401\b|"
                        r"unauthori[sz]ed|authentication[_ ](?:failed|error)", re.IGNORECASE)
-TEXT_CAUSES: tuple[tuple[Cause, re.Pattern[str]], ...] = tuple(
-    (cause, re.compile(pattern, re.IGNORECASE)) for cause, pattern in (
-        ("auth", AUTH_TEXT.pattern),
-        ("quota", r"insufficient_quota|exceeded your current quota.*billing"),
-        ("rate_limit", r"rate.?limit|too many requests|\b429\b"),
-        ("overloaded", r"overloaded|\b52[9]\b|\b503\b|service unavailable"),
-        ("unreachable", r"cannot connect to api|unable to connect|econnrefused|"
-                        r"econnreset|enotfound|fetch failed|socket hang up"),
-        ("bad_request", r"context length|context window|maximum context|too long"),
-        ("server", r"server (?:had an )?error|internal server error|bad gateway|\b50[0-4]\b"),
-    ))
+TEXT_CAUSES = cause_patterns(
+    ("auth", AUTH_TEXT.pattern),
+    ("quota", r"insufficient_quota|exceeded your current quota.*billing"),
+    ("rate_limit", r"rate.?limit|too many requests|\b429\b"),
+    ("overloaded", r"overloaded|\b52[9]\b|\b503\b|service unavailable"),
+    ("unreachable", r"cannot connect to api|unable to connect|econnrefused|"
+                    r"econnreset|enotfound|fetch failed|socket hang up"),
+    ("bad_request", r"context length|context window|maximum context|too long"),
+    ("server", r"server (?:had an )?error|internal server error|bad gateway|\b50[0-4]\b"),
+)
 """Cause per wording, for log lines that carry no HTTP status."""
 
 
@@ -209,7 +210,7 @@ class OpencodeRunner(PresetRunner):
             config = {}
         if not isinstance(config, dict):
             config = {}
-        agents = config.get("agent") if isinstance(config.get("agent"), dict) else {}
+        agents = as_dict(config.get("agent"))
         return {**config, "agent": {**agents, name: spec}}
 
     # -- live events ---------------------------------------------------------------------
@@ -252,13 +253,13 @@ class OpencodeRunner(PresetRunner):
 
     def _stdout_event(self, live: _Live, event: dict[str, Any]) -> AgentEvent | None:
         kind = event.get("type")
-        part = event.get("part") if isinstance(event.get("part"), dict) else {}
+        part = as_dict(event.get("part"))
         if kind == "step_start":
             live.steps += 1
             return AgentEvent(f"step {live.steps}: waiting for the model")
         if kind == "tool_use":
-            state = part.get("state") if isinstance(part.get("state"), dict) else {}
-            inp = state.get("input") if isinstance(state.get("input"), dict) else {}
+            state = as_dict(part.get("state"))
+            inp = as_dict(state.get("input"))
             what = inp.get("command") or state.get("title") or inp.get("filePath") or ""
             status = state.get("status", "")
             error = f": {_short(str(state.get('error')))}" if state.get("error") else ""
@@ -266,8 +267,8 @@ class OpencodeRunner(PresetRunner):
                               f"{f' ({_short(str(what), 80)})' if what else ''}{error}",
                               kind="tool")
         if kind == "step_finish":
-            tokens = part.get("tokens") if isinstance(part.get("tokens"), dict) else {}
-            cache = tokens.get("cache") if isinstance(tokens.get("cache"), dict) else {}
+            tokens = as_dict(part.get("tokens"))
+            cache = as_dict(tokens.get("cache"))
             for value in (tokens.get("input"), cache.get("read"), cache.get("write")):
                 live.input_tokens += int(value) if isinstance(value, int) else 0
             for value in (tokens.get("output"), tokens.get("reasoning")):
@@ -288,7 +289,7 @@ class OpencodeRunner(PresetRunner):
         error: dict[str, Any] | None = None
         for event in jsonl(stdout):
             kind = event.get("type")
-            part = event.get("part") if isinstance(event.get("part"), dict) else {}
+            part = as_dict(event.get("part"))
             if isinstance(event.get("sessionID"), str):
                 metrics["session_id"] = event["sessionID"]
             if kind == "step_start":
@@ -297,8 +298,8 @@ class OpencodeRunner(PresetRunner):
                 steps[-1].append(part["text"])
             elif kind == "step_finish":
                 add(metrics, "cost_usd", part.get("cost"))
-                tokens = part.get("tokens") if isinstance(part.get("tokens"), dict) else {}
-                cache = tokens.get("cache") if isinstance(tokens.get("cache"), dict) else {}
+                tokens = as_dict(part.get("tokens"))
+                cache = as_dict(tokens.get("cache"))
                 for value in (tokens.get("input"), cache.get("read"), cache.get("write")):
                     add(metrics, "input_tokens", value)
                 add(metrics, "cached_input_tokens", cache.get("read"))
@@ -329,7 +330,7 @@ class OpencodeRunner(PresetRunner):
     def _error(self, error: dict[str, Any], code: int) -> Parsed:
         """An opencode `error` event as a task error, classified by its HTTP status."""
         name = str(error.get("name") or "Error")
-        data = error.get("data") if isinstance(error.get("data"), dict) else {}
+        data = as_dict(error.get("data"))
         message = str(data.get("message") or name).strip()
         status = data.get("statusCode") if isinstance(data.get("statusCode"), int) else None
         body = str(data.get("responseBody") or "")

@@ -128,6 +128,16 @@ def json_object(data: bytes | str) -> dict[str, Any] | None:
     return objs[-1] if objs else None
 
 
+def as_dict(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one (agents' JSON has any shape)."""
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: Any) -> list[Any]:
+    """`value` if it is a JSON array, else an empty one."""
+    return value if isinstance(value, list) else []
+
+
 def last_line(text: str, prefix: str = "") -> str:
     """The last non-empty line (starting with `prefix`, if given) of a tool's stderr."""
     for line in reversed(text.splitlines()):
@@ -135,6 +145,11 @@ def last_line(text: str, prefix: str = "") -> str:
         if line and not line.startswith("=== ") and line.startswith(prefix):
             return line
     return ""
+
+
+def cause_patterns(*pairs: tuple[Cause, str]) -> tuple[tuple[Cause, re.Pattern[str]], ...]:
+    """(cause, regexp) pairs compiled case-insensitive; typed here so each literal is a Cause."""
+    return tuple((cause, re.compile(pattern, re.IGNORECASE)) for cause, pattern in pairs)
 
 
 def number(value: Any) -> float | int | None:
