@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import ConfigError, Diagnostic
 from .model import InputsMode, OnFailure, Settings
@@ -93,11 +101,25 @@ class ConfigDefaults(Settings):
     runner: RunnerName | None = None
 
 
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028-\u202e"
+                     "\u2060\u2066-\u2069\ufeff]")
+"""Control, invisible and direction-changing characters (loader.py's `_CONTROL`): a
+name holding one prints as another, or drives the terminal, in every message."""
+
+
+def _printable_name(name: str) -> str:
+    if _UNSAFE.search(name):
+        raise ValueError("an agent name must not hold control or invisible characters "
+                         "(no task could name it); rename the agent")
+    return name
+
+
 class ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     defaults: ConfigDefaults = Field(default_factory=ConfigDefaults)
-    agents: dict[str, AgentConfig] = Field(default_factory=dict)
+    agents: dict[Annotated[str, AfterValidator(_printable_name)], AgentConfig] = Field(
+        default_factory=dict)
     runners: dict[RunnerName, RunnerConfig] = Field(default_factory=dict)
 
 
@@ -112,7 +134,7 @@ class ProjectConfig:
     runners: Mapping[str, RunnerConfig] = field(default_factory=dict)
 
     @property
-    def default_runner(self) -> str | None:
+    def default_runner(self) -> RunnerName | None:
         """`[defaults] runner`, if the project sets one."""
         return getattr(self.defaults, "runner", None)
 
@@ -212,23 +234,28 @@ def load_config(root: Path, path: Path | None = None) -> ProjectConfig:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line, col = _toml_error_position(str(exc))
+        line, col = _toml_error_position(str(exc), text)
         raise ConfigError([Diagnostic(display, line, col, f"invalid TOML: {exc}")]) from None
     except RecursionError:  # tomllib recurses once per nested array or inline table
         raise ConfigError([Diagnostic(
             display, _deepest_line(text), None,
             "arrays or inline tables are nested too deeply to read; a dispatch config "
             "needs only a few levels")]) from None
+    except ValueError:  # an integer past Python's 4,300-digit conversion limit
+        long = re.search(r"\d[\d_]{4300}", text)
+        raise ConfigError([Diagnostic(
+            display, text.count("\n", 0, long.start()) + 1 if long else None, None,
+            "a number has more than 4,300 digits; no setting needs one that large")]) from None
     try:
         parsed = ConfigFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError([
             Diagnostic(display, _toml_line(text, err["loc"]), None,
-                       f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+                       f"{_loc_text(err['loc'])}: {err['msg']}")
             for err in exc.errors()
         ]) from None
     return ProjectConfig(root=root, path=cfg_path, defaults=parsed.defaults, agents=parsed.agents,
-                         runners=dict(parsed.runners))
+                         runners={name: runner for name, runner in parsed.runners.items()})
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -331,7 +358,7 @@ def resolve_settings(
     out_text = str(merged["output_dir"])
     if default_subdir and file_settings.output_dir is None and not overrides.get("output_dir"):
         out_text = f"{out_text.rstrip('/')}/{default_subdir}/"
-    out = Path(out_text).expanduser()
+    out = Path(os.path.expanduser(out_text))  # (Path.expanduser raises for `~nobody`)
     if not out.is_absolute():
         out = root / out
     return ResolvedSettings(
@@ -359,9 +386,20 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _toml_error_position(message: str) -> tuple[int | None, int | None]:
+def _loc_text(loc: tuple[Any, ...]) -> str:
+    """`agents.x.command`, with a key holding a control character shown escaped."""
+    return ".".join(repr(p) if _UNSAFE.search(str(p)) else str(p)
+                    for p in loc if p != "[key]")
+
+
+def _toml_error_position(message: str, text: str) -> tuple[int | None, int | None]:
     m = re.search(r"line (\d+), column (\d+)", message)
-    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    if "at end of document" in message:  # the file's last line, just after its end
+        lines = text.removesuffix("\n").split("\n")  # (tomllib counts lines by "\n")
+        return len(lines), len(lines[-1].rstrip("\r")) + 1
+    return None, None
 
 
 def _toml_line(text: str, loc: tuple[Any, ...]) -> int | None:
@@ -402,4 +440,15 @@ def _top_level_line(lines: list[str], key: str) -> int | None:
         if not in_table and assignment.match(line):
             return i + 1
         in_table = in_table or line.lstrip().startswith("[")
+    in_table = False  # a key written with escapes ("\u001b"): read each line's own key
+    for i, line in enumerate(lines):
+        is_header = line.lstrip().startswith("[")
+        if is_header or not in_table:
+            try:
+                first = next(iter(tomllib.loads(line)), None)
+            except ValueError:  # (TOMLDecodeError too) a line that is not whole alone
+                first = None
+            if first == key:
+                return i + 1
+        in_table = in_table or is_header
     return None

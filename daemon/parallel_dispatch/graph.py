@@ -41,9 +41,11 @@ class Graph:
     def levels(self) -> list[int]:
         """0-based dependency level of each task: its wave minus one."""
         level = [0] * len(self.ids)
+        at = level.__getitem__  # map() over a bound method: no generator per task
+        deps = self.deps
         for i in self.order:
-            if self.deps[i]:
-                level[i] = 1 + max(level[d] for d in self.deps[i])
+            if deps[i]:
+                level[i] = 1 + max(map(at, deps[i]))
         return level
 
     def waves(self) -> list[list[int]]:
@@ -57,9 +59,10 @@ class Graph:
     def remaining_path(self, weight: Sequence[float]) -> list[float]:
         """For each task, its weight plus the heaviest chain of dependents after it."""
         rest = [0.0] * len(self.ids)
+        at = rest.__getitem__
+        children = self.children
         for i in reversed(self.order):
-            tail = max((rest[c] for c in self.children[i]), default=0.0)
-            rest[i] = weight[i] + tail
+            rest[i] = weight[i] + (max(map(at, children[i])) if children[i] else 0.0)
         return rest
 
     def critical_path(self, weight: Sequence[float],

@@ -222,6 +222,8 @@ class _Checker:
             return f"'{field}' must be one of {err['ctx']['expected']} (got {_short(got)})"
         if kind in ("less_than_equal", "string_too_long", "finite_number"):
             return _limit_message(kind, field, err.get("ctx", {}), got)
+        if kind == "value_error":  # model.py's own checks say what to do themselves
+            return f"'{field}': {err['ctx']['error']} (got {_short(got)})"
         return f"'{field}': {err['msg'].lower()} (got {_short(got)})"
 
     def check_overrides(self, overrides: dict[str, Any]) -> None:
@@ -262,7 +264,9 @@ class _Checker:
                 if dep == raw.get("id"):
                     self.add(loc, "a task cannot depend on itself; remove it from 'dependencies'")
                 elif dep not in ids:
-                    self.add(loc, f"unknown dependency {_quoted(dep)}{suggester.hint(dep)}")
+                    near = suggester.closest(dep)  # (an id may itself be invalid: quoted)
+                    hint = f"; did you mean {_quoted(near)}?" if near else ""
+                    self.add(loc, f"unknown dependency {_quoted(dep)}{hint}")
                 else:
                     edges[i].append(ids[dep])
         for cycle in find_cycles(edges):
@@ -316,7 +320,8 @@ class _Checker:
             if out.endswith("/"):
                 dirs[norm] = i
         for i, norm in norms.items():
-            parent = posixpath.dirname(norm)
+            # (`norm` is normalised and relative: rpartition is posixpath.dirname, faster)
+            parent = norm.rpartition("/")[0]
             while parent:
                 j = seen.get(parent)
                 if j is not None and j != i:  # a file output cannot hold another one either
@@ -326,7 +331,7 @@ class _Checker:
                              f"{_quoted(outputs[j])} of task '{self.task_id(('tasks', j))}'; "
                              "outputs must not overlap")
                     break
-                parent = posixpath.dirname(parent)
+                parent = parent.rpartition("/")[0]
 
     def check_agents(self, config: ProjectConfig) -> list[Any]:
         """Resolve every task's agent (None where it does not resolve)."""
@@ -403,15 +408,17 @@ def _output_problem(out: str, norm: str, output_dir: Path) -> str | None:
         return f"output {_short(out)} contains {kind} (U+{code:04X}); use printable characters"
     top = norm.split("/", 1)[0]
     if (top in RESERVED_OUTPUTS or top.startswith(".dispatch")
-            or STAGED_NAME.match(posixpath.basename(norm))):
+            or STAGED_NAME.match(norm.rpartition("/")[2])):
         return (f"output {_quoted(out)} is reserved for dispatch's own files (reports, logs/, "
                 "state, staging); rename it")
-    for part in norm.split("/"):
+    # A UTF-8 character takes at most 4 bytes: most paths need no encoding to be sure.
+    for part in norm.split("/") if len(norm) * 4 > MAX_NAME_BYTES else ():
         if len(part.encode()) > MAX_NAME_BYTES:
             return (f"output '{_clip(out)}': the name '{_clip(part)}' is "
                     f"{len(part.encode()):,} bytes; each part of an output path is limited "
                     f"to {MAX_NAME_BYTES} bytes (file names end at 255); shorten it")
-    if len(f"{output_dir}/{norm}".encode()) > MAX_PATH_BYTES:
+    if ((len(str(output_dir)) + 1 + len(norm)) * 4 > MAX_PATH_BYTES
+            and len(f"{output_dir}/{norm}".encode()) > MAX_PATH_BYTES):
         return (f"output '{_clip(out)}' is too long: with the output dir it makes a path of "
                 f"{len(f'{output_dir}/{norm}'.encode()):,} bytes (at most {MAX_PATH_BYTES:,})")
     return None
@@ -484,8 +491,9 @@ class _SymlinkCheck:
         return self._links[rel]
 
     def escape(self, norm: str) -> str | None:
-        """What is wrong with writing `norm` (it leads outside, ...), else None."""
-        parent, name = posixpath.split(norm)
+        """What is wrong with writing `norm` (normalised, relative: it leads outside, ...),
+        else None."""
+        parent, _, name = norm.rpartition("/")
         bad = self._dir_escape(parent)
         if bad is not None:
             return bad

@@ -6,10 +6,11 @@ of a silently ignored setting.  Field constraints carry the user-facing limits.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 OnFailure = Literal["continue", "stop", "retry"]
 InputsMode = Literal["none", "paths", "inline"]
@@ -41,6 +42,18 @@ STAGED_NAME = re.compile(r"^\..+\.\d{8}T\d{6}Z-[0-9a-f]+\.\d+\.partial$")
 """A staged file output (`.<name>.<run id>.<attempt>.partial`), removed after each run."""
 
 
+def _usable_dir(path: str) -> str:
+    """A directory the run could create: no NUL (no system call takes one), and no
+    `~user` for a user this machine does not have (it would stay a literal folder)."""
+    if "\0" in path:
+        raise ValueError("a path cannot hold a NUL character; remove it")
+    head = path.split("/", 1)[0]
+    if head.startswith("~") and os.path.expanduser(head) == head:
+        raise ValueError(f"there is no user {head[1:]!r} here, so {head!r} cannot be "
+                         "expanded; give the folder's path")
+    return path
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -52,7 +65,7 @@ class Settings(_Strict):
         None, description="Maximum number of agents running at once.")
     timeout_per_task: PositiveMs | None = Field(
         None, description="Per-task timeout in milliseconds.")
-    output_dir: StrictStr | None = Field(
+    output_dir: Annotated[StrictStr, AfterValidator(_usable_dir)] | None = Field(
         None, description="Directory for outputs and the report, relative to the project root.")
     on_failure: OnFailure | None = Field(
         None, description="continue: skip dependents; stop: cancel everything; retry: retry, "

@@ -42,7 +42,7 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -91,7 +91,7 @@ def signal_group(pgid: int, sig: int) -> bool:
     return True
 
 
-def make_group_killer(grace: float = KILL_GRACE_S):
+def make_group_killer(grace: float = KILL_GRACE_S) -> Callable[[trio.Process], Awaitable[None]]:
     """A `deliver_cancel` for `trio.run_process` that terminates the whole group."""
 
     async def deliver_cancel(process: trio.Process) -> None:
@@ -138,6 +138,36 @@ def _children() -> list[int]:
         except (OSError, ValueError):
             continue
     return pids
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(n) for n in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return found >= (major, minor)
+
+
+_ADOPTED_BY_LEADER = sys.platform.startswith("linux") and _kernel_at_least(3, 19)
+"""Linux 3.19+ gives every orphan re-parented to a subreaper to its first live thread,
+the thread-group leader (`find_new_reaper` → `find_alive_thread`), whichever thread
+forked the agent; before, to the forking thread."""
+
+
+def _adopted() -> list[int]:
+    """Children an escaped process could be among: the leader thread's.
+
+    The agents' own leaders are children of trio's spawn threads; reading those
+    threads' lists too (one `/proc` file each) cost a quarter of a millisecond per
+    attempt, on the event loop, for processes `_unknown_children` skips anyway.
+    """
+    if not _ADOPTED_BY_LEADER:
+        return _children()
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children", "rb") as fh:
+            return [int(p) for p in fh.read().split()]
+    except (OSError, ValueError):
+        return _children()
 
 
 def _dead(pid: int) -> bool:
@@ -275,9 +305,10 @@ def _environ_token(pid: int) -> str | None:
 def _unknown_children() -> dict[int, str | None]:
     """Live children that are neither a running leader nor in a running group, with the
     attempt marker each carries: processes that left an agent's group and lost their
-    parent, or a leader trio is starting right now (its pid is not known yet)."""
+    parent (`_adopted`; on kernels before 3.19 also a leader trio is starting right now,
+    whose pid is not known yet: `_kill_unknown_children` spares it)."""
     out: dict[int, str | None] = {}
-    for pid in _children():
+    for pid in _adopted():
         st = _stat(pid)
         if st is None or st[0] in ("Z", "X") or pid in _live or st[2] in _live:
             continue

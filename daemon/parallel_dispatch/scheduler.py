@@ -144,7 +144,9 @@ class Scheduler:
                     if self._credentials_rejected(i):
                         continue
                     if self._instant is not None:  # e.g. a dry run: no task, no await
-                        self._handle(self._run_instantly(i, self._instant), nursery, send)
+                        unsettled = self._run_instantly(i, self._instant)
+                        if unsettled is not None:
+                            self._handle(unsettled, nursery, send)
                         continue
                     running += 1
                     nursery.start_soon(self._attempt, i, send)
@@ -162,14 +164,26 @@ class Scheduler:
                 self._handle(msg, nursery, send)
         self._finished = True
 
-    def _run_instantly(self, i: int, run_now: Callable[[Job], Outcome]) -> _Finished:
-        """Runners that finish at once (`run_now`) need no task, slot or deadline."""
+    def _run_instantly(self, i: int, run_now: Callable[[Job], Outcome]) -> _Finished | None:
+        """Runners that finish at once (`run_now`) need no task, slot or deadline.
+
+        A plain success (a dry run's every task) is settled right here, as `_handle`
+        would settle it; anything else is returned for `_handle`.
+        """
         rec = self.records[i]
         rec.attempts += 1
         now = self._now()
         rec.start_s = now
         self.progress.task_started(rec)
         outcome = run_now(Job(self.spec, i, rec.attempts, self.result.run_id))
+        if outcome.ok and not outcome.metrics:
+            rec.end_s = now
+            rec.exit_code = outcome.exit_code
+            rec.error = rec.last_event = rec.cause = None
+            rec.status = TaskStatus.SUCCEEDED
+            self.plan.succeeded(i)
+            self._done(rec)
+            return None
         status = TaskStatus.SUCCEEDED if outcome.ok else TaskStatus.FAILED
         return _Finished(i, rec.attempts, status, outcome, now, now)
 
@@ -400,7 +414,7 @@ class Scheduler:
 
     def _backoff(self, i: int, attempt: int) -> float:
         """Exponential backoff with full jitter on top: min(base·2^(n-1), 1 h) · [1, 2)."""
-        base = min(self.spec.settings.retry_backoff * (2 ** (attempt - 1)), MAX_BACKOFF_S)
+        base = min(self.spec.settings.retry_backoff * (2.0 ** (attempt - 1)), MAX_BACKOFF_S)
         return base * (1 + self.rng.random())
 
     async def _sleep_then_retry(self, i: int, delay: float, scope: trio.CancelScope,

@@ -31,6 +31,9 @@ from .atomic import write_text
 STATE_FILE = ".dispatch-state.toml"
 JOURNAL_FILE = ".dispatch-journal.jsonl"
 
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+"""`json.dumps` with any argument builds a new encoder per call: two journal lines a task."""
+
 
 class TaskEntry(TypedDict, total=False):
     """`[tasks.<id>]`: what the last runs left for one task.
@@ -127,7 +130,7 @@ class State:
         if self._journal is None:
             return
         try:
-            self._journal.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self._journal.write(_compact(entry) + "\n")
             self._journal.flush()
         except OSError as exc:
             self.error = exc
@@ -149,7 +152,7 @@ class State:
 
     def update_run(self, **fields: Any) -> None:
         """Update `[last_run]`: `RunEntry` keys and the per-status counts."""
-        self.runs.update(fields)  # type: ignore[typeddict-item]
+        self.runs.update(fields)  # type: ignore[typeddict-item]  # counts: keys it can't name
         self._append({"run": fields})
 
     def begin(self) -> None:

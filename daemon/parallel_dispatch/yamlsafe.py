@@ -50,6 +50,9 @@ _CONSTRUCT = {
     _T + "timestamp": SafeConstructor.construct_yaml_timestamp,
 }
 _NOT_SET = object()
+_COMPLEX_KEY = object()
+"""Where the value of a refused complex key goes, so that it is not taken for the next
+key (which reported a bogus duplicate key): the document is refused anyway."""
 
 
 @dataclass
@@ -58,18 +61,22 @@ class Positions:
 
     values: dict[Path_, tuple[int, int]] = field(default_factory=dict)
     keys: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    end: tuple[int, int] | None = None
+    """The last line and the column after it: no position is reported past it."""
 
     def of(self, path: Path_, key: bool = False) -> tuple[int, int] | None:
         """Position of `path` (its key if `key`), else of its deepest known ancestor."""
         p = tuple(path)
         first, second = (self.keys, self.values) if key else (self.values, self.keys)
-        while p:
-            if p in first:
-                return first[p]
-            if p in second:
-                return second[p]
+        found = None
+        while p and found is None:
+            found = first.get(p) or second.get(p)
             p = p[:-1]
-        return self.values.get((), None)
+        if found is None:
+            found = self.values.get((), None)
+        if found is not None and self.end is not None and found[0] > self.end[0]:
+            return self.end  # libyaml marks an empty value at the very end a line further
+        return found
 
 
 @dataclass
@@ -84,6 +91,7 @@ class Document:
         """Computed on first use by re-reading the text with position tracking."""
         if self._positions is None:
             self._positions = _Builder(self.file, track=True).run(self.text)[1]
+            self._positions.end = _end(self.text)
         return self._positions
 
 
@@ -98,6 +106,17 @@ class _Frame:
         self.key: Any = _NOT_SET
 
 
+def _where(event: yaml.Event) -> tuple[int, int]:
+    """1-based (line, column) where `event` starts.
+
+    Both of PyYAML's parsers mark every event; the stubs allow None for events built by hand.
+    """
+    mark = event.start_mark
+    if mark is None:  # pragma: no cover - never from a parser
+        return 0, 0
+    return mark.line + 1, mark.column + 1
+
+
 class _Builder:
     def __init__(self, file: str, track: bool) -> None:
         self.file = file
@@ -110,15 +129,13 @@ class _Builder:
         self._plain: dict[str, str] = {}
 
     def _error(self, event: yaml.Event, message: str) -> None:
-        mark = event.start_mark
-        self.errors.append(Diagnostic(self.file, mark.line + 1, mark.column + 1, message))
+        self.errors.append(Diagnostic(self.file, *_where(event), message))
 
     def _charge(self, event: yaml.Event, n: int) -> None:
         self.nodes += n
         if self.nodes > MAX_NODES:
-            mark = event.start_mark
             raise TaskFileError([Diagnostic(
-                self.file, mark.line + 1, mark.column + 1,
+                self.file, *_where(event),
                 f"document expands to more than {MAX_NODES:,} values (an alias bomb?); "
                 "remove the nested anchors and aliases",
             )])
@@ -140,8 +157,9 @@ class _Builder:
         next_event = loader.get_event  # returns None at the end; no check_event round trip
         try:
             while (event := next_event()) is not None:
+                # `type(event) is X` where a branch reads X's fields: mypy narrows on it
                 kind = event.__class__
-                if kind is scalar_t:
+                if type(event) is scalar_t:
                     self.nodes += 1
                     if event.tag is None and not event.implicit[0]:
                         value: Any = event.value  # quoted: always a string
@@ -163,7 +181,7 @@ class _Builder:
                             top.key = value
                             continue
                     root = self._deliver(stack, value, event, root)
-                elif kind is map_start or kind is seq_start:
+                elif type(event) is map_start or type(event) is seq_start:
                     self._charge(event, 1)
                     is_map = kind is map_start
                     if event.tag not in (None, "!", _T + ("map" if is_map else "seq")):
@@ -180,7 +198,7 @@ class _Builder:
                         self.anchors[frame.anchor] = (frame.container,
                                                       self.nodes - frame.start + 1)
                     root = self._deliver(stack, frame.container, event, root, placed=True)
-                elif kind is alias_t:
+                elif type(event) is alias_t:
                     if event.anchor not in self.anchors:
                         self._error(event, f"unknown alias '*{event.anchor}'")
                         value, size = None, 1
@@ -197,7 +215,7 @@ class _Builder:
             loader.dispose()
         self._charge_check()
         if self.errors:
-            raise TaskFileError(self.errors)
+            raise TaskFileError(_on_lines(self.errors, text))
         return (None if root is _NOT_SET else root), self.positions
 
     def _charge_check(self) -> None:
@@ -219,16 +237,14 @@ class _Builder:
             else:
                 path = (*top.path, top.key)
         if self.track:
-            mark = event.start_mark
-            self.positions.values[path] = (mark.line + 1, mark.column + 1)
+            self.positions.values[path] = _where(event)
         return path
 
     def _deliver(self, stack: list[_Frame], value: Any, event: yaml.Event, root: Any,
                  placed: bool = False) -> Any:
         if not stack:
             if not placed and self.track:
-                mark = event.start_mark
-                self.positions.values[()] = (mark.line + 1, mark.column + 1)
+                self.positions.values[()] = _where(event)
             return value
         top = stack[-1]
         container = top.container
@@ -239,7 +255,8 @@ class _Builder:
             return root
         if top.key is _NOT_SET:
             if isinstance(value, dict | list):
-                return root  # already reported as a complex key
+                top.key = _COMPLEX_KEY  # already reported as a complex key
+                return root
             key = value if isinstance(value, str) else str(value)
             if key == "<<" and isinstance(event, yaml.ScalarEvent) and event.implicit[0]:
                 self._error(event, "YAML merge keys ('<<') are not supported; repeat the keys")
@@ -247,8 +264,7 @@ class _Builder:
                 self._error(event, f"duplicate key {key!r}")
             top.key = key
             if self.track:
-                mark = event.start_mark
-                self.positions.keys[(*top.path, key)] = (mark.line + 1, mark.column + 1)
+                self.positions.keys[(*top.path, key)] = _where(event)
             return root
         if not placed and self.track:
             self._child_path(stack, event)
@@ -285,6 +301,24 @@ class _Builder:
             shown = value if len(value) <= 40 else value[:37] + "..."
             self._error(event, f"invalid {tag.rsplit(':', 1)[-1]} value {shown!r}")
             return value
+
+
+def _end(text: bytes | str) -> tuple[int, int]:
+    """The file's last line (as libyaml counts lines) and the column after its end."""
+    lines = _BREAKS.split(_source(text))
+    return len(lines), len(lines[-1]) + 1
+
+
+def _on_lines(errors: list[Diagnostic], text: bytes | str) -> list[Diagnostic]:
+    """`errors` without repeats, and at a line of the file: libyaml marks an empty value
+    at the very end (`key:` before a last comment) on a line after the last one."""
+    end = _end(text)
+    out: dict[Diagnostic, None] = {}
+    for d in errors:
+        if d.line is not None and d.line > end[0]:
+            d = Diagnostic(d.file, *end, d.message, d.task_id)
+        out[d] = None
+    return list(out)
 
 
 _KEY_LINE = re.compile(r"^[ \t]*(?:-[ \t]+)?(?:\{[ \t]*)?[A-Za-z_][\w.-]*:(?:[ \t].*|)$",

@@ -40,6 +40,17 @@ class CommandRunner(AttemptRunner):
                  grace: float = KILL_GRACE_S, registry: AgentRegistry | None = None) -> None:
         super().__init__(base_env, grace, registry)
         self._described: dict[tuple[tuple[str, ...], str], str] = {}
+        self._on_path: set[str] = set()
+
+    def _found(self, command: str) -> bool:
+        """Whether `command` is on PATH.  A hit is remembered: one lookup per command, not
+        per task (one that vanishes later fails to start, with the OS error named)."""
+        if command in self._on_path:
+            return True
+        if shutil.which(command, path=self.base_env.get("PATH")) is None:
+            return False
+        self._on_path.add(command)
+        return True
 
     def argv(self, job: Job, output: Path | str, prompt: str) -> list[str]:
         values = {
@@ -57,9 +68,10 @@ class CommandRunner(AttemptRunner):
     def describe(self, job: Job) -> str:
         agent = job.agent
         key = (agent.command, agent.prompt_mode)
+        cached = self._described.get(key)  # only constant commands are stored
+        if cached is not None:  # plans of 50,000 shell tasks
+            return cached
         constant = not agent.has_placeholders
-        if constant and key in self._described:  # plans of 50,000 shell tasks
-            return self._described[key]
         argv = self.argv(job, job.spec.output_text(job.index), "<prompt>")
         how = "prompt on stdin" if agent.prompt_mode == "stdin" else "prompt as last argument"
         text = f"{' '.join(argv)}  ({how})"
@@ -78,7 +90,7 @@ class CommandRunner(AttemptRunner):
             script.write_text(prompt, encoding="utf-8")
             argv = [argv[0], str(script)]
         with self.open_log(job, argv) as log:
-            if shutil.which(argv[0], path=self.base_env.get("PATH")) is None:
+            if not self._found(argv[0]):
                 return self.failed(log, f"command '{argv[0]}' not found on PATH (agent "
                                         f"'{job.task.agent}', configured in "
                                         f"{job.agent.source}); install it or fix 'command'",
