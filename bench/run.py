@@ -349,18 +349,22 @@ def bench_c(tools: Tools, reps: int) -> dict[str, Any]:
         (root / "big.yaml").write_text(text)
         out["params"]["file_mb"] = round(len(text.encode()) / 2**20, 2)
         runs: dict[str, list[float]] = {"validate": [], "plan": []}
+        cpu: dict[str, list[float]] = {"validate": [], "plan": []}
         loads = []
         for _ in range(reps):
             with probe() as load:
                 for cmd in runs:
-                    runs[cmd].append(round(timed([str(tools.pd), cmd, "big.yaml"], root), 3))
+                    wall, used = timed_cpu([str(tools.pd), cmd, "big.yaml"], root)
+                    runs[cmd].append(round(wall, 3))
+                    cpu[cmd].append(round(used, 3))
             loads.append(load.__dict__)
-            say(f"  c: validate {runs['validate'][-1]:.2f} s, plan {runs['plan'][-1]:.2f} s; "
-                f"{load.brief()}")
+            say(f"  c: validate {runs['validate'][-1]:.2f} s ({cpu['validate'][-1]:.2f} CPU-s), "
+                f"plan {runs['plan'][-1]:.2f} s ({cpu['plan'][-1]:.2f} CPU-s); {load.brief()}")
         if any((root / ".aiwg" / "working").glob("*")):
             raise RuntimeError("c: plan/validate wrote into the output dir")
-    out["runs"] = runs | {"load": loads}
-    out["median"] = {f"{k}_s": round(statistics.median(v), 3) for k, v in runs.items()}
+    out["runs"] = runs | {"load": loads} | {f"{k}_cpu_s": v for k, v in cpu.items()}
+    out["median"] = {f"{k}_s": round(statistics.median(v), 3) for k, v in runs.items()} | {
+        f"{k}_cpu_s": round(statistics.median(v), 3) for k, v in cpu.items()}
     return out
 
 
@@ -570,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmpdir", type=Path, default=None,
                     help="where the temporary projects go (default: the system's), "
                          "e.g. /dev/shm to take the disk's filesystem out of the numbers")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="repetitions for b and c (default 3, 1 with --quick)")
     args = ap.parse_args(argv)
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     if not only <= {"a", "b", "c", "d"}:
@@ -580,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tmpdir is not None:
         tempfile.tempdir = str(args.tmpdir)
     tools = Tools(args.pd or find_pd(), make or "make", args.keep)
-    reps = 1 if args.quick else 3
+    reps = args.reps or (1 if args.quick else 3)
     t_start = time.perf_counter()
     results: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
