@@ -1,4 +1,9 @@
-"""Timeouts kill whole process groups; continue, stop and retry behave as documented."""
+"""Timeouts kill whole process groups; continue, stop and retry behave as documented.
+
+End to end, with real agent processes: what needs them (group kills, SIGKILL
+escalation, logs appended per attempt, exit codes and reports).  The policies' timing
+and bookkeeping (backoff, Retry-After, budget, interrupts, task-level retries, retried
+timeouts) are tested in process on a mock clock in test_scheduler_events.py."""
 
 from __future__ import annotations
 
@@ -152,26 +157,3 @@ def test_retry_recovers_a_flaky_task(project: Project) -> None:
     assert t["next"]["status"] == "succeeded"
     log = (project.root / ".aiwg/working/logs/flaky.log").read_text()
     assert log.count("attempt ") == 3  # one log, every attempt appended
-
-
-def test_task_level_retries_apply_under_continue(project: Project) -> None:
-    project.config()
-    project.write("t.yaml", """\
-        tasks:
-          - {id: flaky, agent: w, prompt: "fail-until=2", output: f.md, retries: 1}
-        settings: {retry_backoff: 0.05}
-    """)
-    assert project.run("t.yaml").returncode == 0
-    assert by_id(project.report())["flaky"]["attempts"] == 2
-
-
-def test_timeouts_are_retried(project: Project) -> None:
-    project.config()
-    project.write("t.yaml", """\
-        tasks:
-          - {id: hangs, agent: w, prompt: "hang", output: h.md, timeout: 500, retries: 1}
-        settings: {retry_backoff: 0.05}
-    """)
-    assert project.run("t.yaml").returncode == 1
-    t = by_id(project.report())["hangs"]
-    assert t["status"] == "timeout" and t["attempts"] == 2

@@ -6,13 +6,20 @@ script per task (events at given times, then an outcome), on trio's MockClock: n
 processes and no wall-clock margins, so the time-dependent rules (timeouts, idle
 deadlines, "last event N s ago") are checked exactly.  The same rules with real agent
 CLIs are covered in tests/contract/.
+
+The scheduling policies live here too (continue, stop, retry with backoff and
+Retry-After, the cost budget, interrupts, cached tasks): the end-to-end tests in
+test_policies.py keep only what needs real processes (group kills, SIGKILL escalation,
+logs appended per attempt).
 """
 
 from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -51,6 +58,8 @@ class ScriptedRunner:
         self.scripts = scripts
         self.started: list[str] = []
         self.cancelled: list[str] = []
+        self.starts: list[tuple[str, int, float]] = []
+        """(task, attempt, clock time) of every attempt started."""
 
     def describe(self, job: Job) -> str:
         return job.task.id
@@ -58,6 +67,7 @@ class ScriptedRunner:
     async def run(self, job: Job) -> Outcome:
         tid = job.task.id
         self.started.append(tid)
+        self.starts.append((tid, job.attempt, trio.current_time()))
         plays = self.scripts.get(tid, [Script()])
         script = plays[min(job.attempt, len(plays)) - 1]
         try:
@@ -110,12 +120,24 @@ def _spec(tmp_path: Path, tasks: str, settings: str = "", agents: str = "") -> o
     return load_spec(path, cwd=tmp_path)
 
 
-def _run(spec: object, runner: ScriptedRunner, progress: Recorder | None = None) -> RunResult:
+def _run(spec: object, runner: ScriptedRunner, progress: Recorder | None = None, *,
+         interrupt_at: float | None = None, **kw: Any) -> RunResult:
+    """Run `spec` on the mock clock (it starts at 0); `interrupt_at`: call `interrupt()`
+    then, as Ctrl-C would."""
     result = new_result(spec)  # type: ignore[arg-type]
-    sched = Scheduler(spec, runner, result, progress=progress)  # type: ignore[arg-type]
+    sched = Scheduler(spec, runner, result, progress=progress, **kw)  # type: ignore[arg-type]
 
     async def main() -> RunResult:
-        return await sched.run()
+        if interrupt_at is None:
+            return await sched.run()
+        async with trio.open_nursery() as nursery:
+            async def interrupt() -> None:
+                await trio.sleep(interrupt_at)
+                sched.interrupt()
+            nursery.start_soon(interrupt)
+            out = await sched.run()
+            nursery.cancel_scope.cancel()
+            return out
 
     return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
@@ -303,3 +325,243 @@ def test_retry_backoff_is_capped_at_an_hour(tmp_path: Path) -> None:
     a = _rec(result, "a")
     assert (a.status, a.attempts) == ("failed", 21)
     assert a.end_s is not None and a.end_s <= 20 * 2 * 3600
+
+
+# -- policies: continue, stop, retry (ninja's build_test.cc style) -----------------------------
+FAIL = Script(outcome=Outcome(ok=False, exit_code=3, error="agent exited with code 3"))
+
+POLICY_TASKS = """
+    tasks:
+      - {id: bad, agent: c, prompt: p, output: bad.md}
+      - {id: after-bad, agent: c, prompt: p, output: ab.md, dependencies: [bad]}
+      - {id: after-after, agent: c, prompt: p, output: aab.md, dependencies: [after-bad]}
+      - {id: independent, agent: c, prompt: p, output: ind.md}
+"""
+
+
+def _starts(runner: ScriptedRunner, tid: str) -> list[tuple[int, float]]:
+    return [(attempt, t) for task, attempt, t in runner.starts if task == tid]
+
+
+def test_continue_skips_dependents_transitively_and_runs_the_rest(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, POLICY_TASKS, "settings: {on_failure: continue, max_parallel: 4}\n")
+    runner = ScriptedRunner({"bad": [FAIL] * 4, "independent": [Script([Step(5.0)])]})
+    result = _run(spec, runner)
+    bad = _rec(result, "bad")
+    assert (bad.status, bad.exit_code, bad.attempts) == ("failed", 3, 1)
+    for tid in ("after-bad", "after-after"):  # the reason names the root failure
+        rec = _rec(result, tid)
+        assert (rec.status, rec.attempts) == ("skipped", 0)
+        assert rec.reason == "dependency 'bad' failed"
+    assert _rec(result, "independent").status == "succeeded"
+    assert sorted(runner.started) == ["bad", "independent"]
+
+
+def test_stop_cancels_running_tasks_and_starts_no_more(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, """
+        tasks:
+          - {id: fails-soon, agent: c, prompt: p, output: f.md}
+          - {id: long, agent: c, prompt: p, output: l.md}
+          - {id: later, agent: c, prompt: p, output: later.md, dependencies: [fails-soon]}
+          - {id: queued, agent: c, prompt: p, output: q.md}
+    """, "settings: {max_parallel: 2, on_failure: stop}\n")
+    runner = ScriptedRunner({
+        "fails-soon": [Script([Step(1.0)], FAIL.outcome)],
+        "long": [Script([Step(1000.0)])],
+    })
+    result = _run(spec, runner)
+    assert _rec(result, "fails-soon").status == "failed"
+    long = _rec(result, "long")
+    assert long.status == "cancelled" and "long" in runner.cancelled
+    assert long.error == "cancelled: on_failure is 'stop' and task 'fails-soon' failed"
+    assert long.end_s == pytest.approx(1.0)  # cancelled at once, not after its 1000 s
+    for tid in ("later", "queued"):
+        rec = _rec(result, tid)
+        assert (rec.status, rec.attempts) == ("skipped", 0)
+    assert "not started" in (_rec(result, "queued").reason or "")
+    assert sorted(runner.started) == ["fails-soon", "long"]
+
+
+def test_retry_policy_retries_with_exponential_backoff_then_skips_dependents(
+        tmp_path: Path) -> None:
+    spec = _spec(tmp_path, POLICY_TASKS,
+                 "settings: {on_failure: retry, max_retries: 3, retry_backoff: 10}\n")
+    runner = ScriptedRunner({"bad": [FAIL] * 4})
+    result = _run(spec, runner)
+    bad = _rec(result, "bad")
+    assert (bad.status, bad.attempts) == ("failed", 4)  # 1 + max_retries
+    assert _rec(result, "after-bad").status == "skipped"
+    assert _rec(result, "independent").status == "succeeded"
+    starts = _starts(runner, "bad")
+    assert [a for a, _ in starts] == [1, 2, 3, 4]
+    # Attempt n waits base·2^(n-1) · [1, 2) after the failure before it (full jitter on top).
+    for (n, t0), (_, t1) in pairwise(starts):
+        base = 10 * 2 ** (n - 1)
+        assert base <= t1 - t0 < 2 * base, (n, t1 - t0)
+
+
+def test_retry_recovers_a_flaky_task_and_its_dependents_run(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, """
+        tasks:
+          - {id: flaky, agent: c, prompt: p, output: f.md}
+          - {id: next, agent: c, prompt: p, output: n.md, dependencies: [flaky]}
+    """, "settings: {on_failure: retry, max_retries: 5, retry_backoff: 0.05}\n")
+    runner = ScriptedRunner({"flaky": [FAIL, FAIL, Script()]})
+    result = _run(spec, runner)
+    assert (_rec(result, "flaky").status, _rec(result, "flaky").attempts) == ("succeeded", 3)
+    assert _rec(result, "next").status == "succeeded"
+
+
+def test_task_level_retries_apply_under_continue(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, """
+        tasks:
+          - {id: flaky, agent: c, prompt: p, output: f.md, retries: 1}
+          - {id: once, agent: c, prompt: p, output: o.md}
+    """, "settings: {retry_backoff: 0.05}\n")
+    runner = ScriptedRunner({"flaky": [FAIL, Script()], "once": [FAIL, Script()]})
+    result = _run(spec, runner)
+    assert (_rec(result, "flaky").status, _rec(result, "flaky").attempts) == ("succeeded", 2)
+    assert (_rec(result, "once").status, _rec(result, "once").attempts) == ("failed", 1)
+
+
+def test_timeouts_are_retried_and_each_attempt_is_cancelled(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, """
+        tasks:
+          - {id: hangs, agent: c, prompt: p, output: h.md, timeout: 500, retries: 1}
+    """, "settings: {retry_backoff: 0.05}\n")
+    runner = ScriptedRunner({"hangs": [Script([Step(1000.0)])] * 2})
+    result = _run(spec, runner)
+    hangs = _rec(result, "hangs")
+    assert (hangs.status, hangs.attempts) == ("timeout", 2)
+    assert hangs.error is not None and "timed out after 0.5s" in hangs.error
+    assert runner.cancelled == ["hangs", "hangs"]
+
+
+def test_retry_after_from_the_provider_outlasts_a_short_backoff(tmp_path: Path) -> None:
+    """A 429 saying "retry after 30 s" is waited out even though the backoff is 0.05 s;
+    a longer backoff wins over a short Retry-After."""
+    spec = _spec(tmp_path, """
+        tasks:
+          - {id: limited, agent: c, prompt: p, output: a.md, retries: 1}
+          - {id: patient, agent: c, prompt: p, output: b.md, retries: 1, dependencies: [limited]}
+    """, "settings: {retry_backoff: 0.05}\n")
+    limited = Script(outcome=Outcome(ok=False, error="rate limited", cause="rate_limit",
+                                     retry_after=30.0))
+    runner = ScriptedRunner({"limited": [limited, Script()]})
+    delays: list[float] = []
+
+    class Delays(Recorder):
+        def task_retrying(self, rec: TaskRecord, delay: float) -> None:
+            delays.append(delay)
+
+    result = _run(spec, runner, Delays())
+    assert (_rec(result, "limited").status, _rec(result, "limited").attempts) == \
+        ("succeeded", 2)
+    (t1, t2) = [t for _, t in _starts(runner, "limited")]
+    assert t2 - t1 >= 30.0
+    assert delays == [30.0]
+
+    spec = _spec(tmp_path, """
+        tasks:
+          - {id: limited, agent: c, prompt: p, output: a.md, retries: 1}
+    """, "settings: {retry_backoff: 100}\n")
+    short = Script(outcome=Outcome(ok=False, error="rate limited", cause="rate_limit",
+                                   retry_after=1.0))
+    runner = ScriptedRunner({"limited": [short, Script()]})
+    _run(spec, runner)
+    (t1, t2) = [t for _, t in _starts(runner, "limited")]
+    assert t2 - t1 >= 100.0
+
+
+def test_budget_lets_running_tasks_finish_and_starts_nothing_more(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, """
+        tasks:
+          - {id: a, agent: c, prompt: p, output: a.md}
+          - {id: b, agent: c, prompt: p, output: b.md}
+          - {id: c, agent: c, prompt: p, output: c.md}
+          - {id: d, agent: c, prompt: p, output: d.md}
+    """, "settings: {max_parallel: 2, max_cost_usd: 1.0}\n")
+
+    def costs(usd: float, after: float) -> list[Script]:
+        return [Script([Step(after)], Outcome(ok=True, exit_code=0,
+                                              metrics={"cost_usd": usd}))]
+
+    # a (0.7) ends at 1 s, so c starts (0.7 < 1.0); b (0.5) ends at 2 s: 1.2 spent, d waits
+    # forever; c, already running, finishes.
+    runner = ScriptedRunner({"a": costs(0.7, 1.0), "b": costs(0.5, 2.0), "c": costs(0.1, 5.0)})
+    result = _run(spec, runner)
+    assert [_rec(result, t).status for t in "abc"] == ["succeeded"] * 3
+    d = _rec(result, "d")
+    assert (d.status, d.attempts) == ("skipped", 0)
+    assert d.reason == "not started: budget reached (max_cost_usd $1)"
+    assert sorted(runner.started) == ["a", "b", "c"]  # (trio starts a and b in any order)
+    assert any(n.startswith("Budget reached: $1.3000 spent of max_cost_usd $1")
+               for n in result.notes)
+
+
+def test_interrupt_cancels_running_keeps_a_waiting_retry_and_starts_nothing(
+        tmp_path: Path) -> None:
+    spec = _spec(tmp_path, """
+        tasks:
+          - {id: running, agent: c, prompt: p, output: r.md}
+          - {id: backing-off, agent: c, prompt: p, output: b.md, retries: 3}
+          - {id: queued, agent: c, prompt: p, output: q.md, dependencies: [running]}
+    """, "settings: {max_parallel: 2, retry_backoff: 100}\n")
+    runner = ScriptedRunner({"running": [Script([Step(1000.0)])],
+                             "backing-off": [Script([Step(1.0)], FAIL.outcome)] * 4})
+    result = _run(spec, runner, interrupt_at=10.0)
+    assert result.interrupted
+    running = _rec(result, "running")
+    assert (running.status, running.error) == ("cancelled", "cancelled: run interrupted")
+    assert running.end_s == pytest.approx(10.0)
+    backing = _rec(result, "backing-off")
+    assert (backing.status, backing.attempts) == ("failed", 1)  # its last failure, no retry
+    assert backing.error == "agent exited with code 3"
+    queued = _rec(result, "queued")
+    assert (queued.status, queued.reason) == ("skipped", "not started: run interrupted")
+    assert result.wall_s == pytest.approx(10.0)
+
+
+class FakeReuse:
+    """`Reuse` with the answers given: which tasks' previous outputs are still good."""
+
+    def __init__(self, spec: Any, cached: set[str]) -> None:
+        self.spec = spec
+        self.cached = cached
+        self.recorded: list[str] = []
+
+    async def lookup(self, i: int) -> bool:
+        return bool(self.spec.tasks[i].id in self.cached)
+
+    async def succeeded(self, i: int) -> None:
+        self.recorded.append(self.spec.tasks[i].id)
+
+
+def test_cached_tasks_are_not_run_and_their_dependents_are(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, """
+        tasks:
+          - {id: a, agent: c, prompt: p, output: a.md}
+          - {id: b, agent: c, prompt: p, output: b.md, dependencies: [a]}
+          - {id: c, agent: c, prompt: p, output: c.md}
+    """)
+    reuse = FakeReuse(spec, {"a"})
+    runner = ScriptedRunner({})
+    result = _run(spec, runner, reuse=reuse)
+    a = _rec(result, "a")
+    assert (a.status, a.attempts) == ("cached", 0)
+    assert a.reason == "unchanged since its last successful run; output reused"
+    assert [_rec(result, t).status for t in "bc"] == ["succeeded", "succeeded"]
+    assert sorted(runner.started) == ["b", "c"]
+    assert sorted(reuse.recorded) == ["b", "c"]  # successes are recorded for next time
+
+
+def test_max_parallel_caps_running_attempts(tmp_path: Path) -> None:
+    rows = "".join(f"  - {{id: t{i}, agent: c, prompt: p, output: t{i}.md}}\n"
+                   for i in range(7))
+    spec = _spec(tmp_path, "tasks:\n" + rows, "settings: {max_parallel: 3}\n")
+    runner = ScriptedRunner({f"t{i}": [Script([Step(1.0)])] for i in range(7)})
+    result = _run(spec, runner)
+    assert all(r.status == "succeeded" for r in result.records)
+    starts = sorted(t for _, _, t in runner.starts)
+    assert starts == [0.0] * 3 + [1.0] * 3 + [2.0]  # 3 at a time, no barrier between waves
+    assert result.wall_s == pytest.approx(3.0)

@@ -17,6 +17,14 @@ from contract.common import new_project
 from preset_support import AgentProject
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/contract/ `contract`, so a CI job can run them apart."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.contract)
+
+
 @pytest.fixture
 def contract_project(tmp_path: Path) -> AgentProject:
     """A project whose PATH has the real clients and whose HOME and config dirs are
