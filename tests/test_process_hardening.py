@@ -138,27 +138,47 @@ def test_no_agent_process_survives_a_timeout(project: Project) -> None:
     assert first == later
 
 
-def _zombie_children() -> list[int]:
+_IN_PROCESS_RUN = """\
+import json, os, sys, trio
+from parallel_dispatch.api import run_spec
+from parallel_dispatch.loader import load_spec
+
+def zombie_children():
     out = []
     for tid in os.listdir("/proc/self/task"):
         with open(f"/proc/self/task/{tid}/children") as fh:
             for pid in fh.read().split():
-                with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as st:
-                    if st.read().rsplit(")", 1)[1].split()[0] == "Z":
-                        out.append(int(pid))
+                try:
+                    with open(f"/proc/{pid}/stat") as st:
+                        if st.read().rsplit(")", 1)[1].split()[0] == "Z":
+                            out.append(int(pid))
+                except OSError:
+                    pass
     return out
+
+spec = load_spec(sys.argv[1], cwd=sys.argv[2])
+result = trio.run(lambda: run_spec(spec))
+print(json.dumps({"status": str(result.status), "zombies": zombie_children(),
+                  "errors": [r.error for r in result.records]}))
+"""
 
 
 def test_in_process_run_kills_escapees_and_leaves_no_zombie(project: Project) -> None:
-    """As a subreaper the dispatcher adopts its agents' orphans: it must also reap them."""
+    """As a subreaper the dispatcher adopts its agents' orphans: it must also reap them.
+
+    The run happens in a fresh interpreter, so every child it has is the run's: a zombie
+    left by another test in this pytest worker cannot be mistaken for ours."""
     pidfile = project.root / "escapee.pid"
     project.write("t.yaml", _escapee_task(project, pidfile).replace(
         "echo done", "sleep 30 & echo done"))  # a group member still running at exit
-    spec = load_spec(project.root / "t.yaml", cwd=project.root)
-    result = trio.run(lambda: run_spec(spec))
-    assert result.status == "succeeded", [r.error for r in result.records]
+    proc = subprocess.run([sys.executable, "-c", _IN_PROCESS_RUN, str(project.root / "t.yaml"),
+                           str(project.root)], env=cli_env(), capture_output=True, text=True,
+                          timeout=4 * WAIT)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    assert seen["status"] == "succeeded", seen["errors"]
     assert not pid_alive(int(pidfile.read_text()))
-    assert _zombie_children() == []
+    assert seen["zombies"] == []
 
 
 # -- item 15: a run cancelled from outside still settles every task -------------------------

@@ -128,10 +128,12 @@ def write_opencode_provider(ap: AgentProject, base_url: str) -> None:
 def configure_opencode(ap: AgentProject, stub: OpenAIChatStub) -> AgentProject:
     """The provider above; `OPENCODE_DISABLE_MODELS_FETCH` keeps opencode off models.dev
     (it resolves the internet at every start otherwise), `OPENCODE_DISABLE_AUTOUPDATE`
-    off update checks."""
+    off update checks.  At every start opencode also installs `@opencode-ai/plugin` into
+    each config directory with npm, in the background; `npm_config_offline` keeps that
+    npm off the registry (the install fails quietly, the run is unaffected)."""
     write_opencode_provider(ap, stub.base_url)
     ap.env.update(STUB_API_KEY=GOOD_KEY, OPENCODE_DISABLE_MODELS_FETCH="1",
-                  OPENCODE_DISABLE_AUTOUPDATE="1")
+                  OPENCODE_DISABLE_AUTOUPDATE="1", npm_config_offline="true")
     stub.tool_command = "touch bash-ran.marker"  # relative: opencode's bash runs in the project
     ap.define("reviewer", BODY)
     ap.config(f'[defaults]\nrunner = "opencode"\n\n[runners.opencode]\n'

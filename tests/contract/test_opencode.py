@@ -5,14 +5,17 @@ opencode is pointed at the stub through an `@ai-sdk/openai-compatible` provider 
 private `$XDG_CONFIG_HOME/opencode/opencode.json` (`options.baseURL`, the key from
 `{env:STUB_API_KEY}`).  `OPENCODE_DISABLE_MODELS_FETCH=1` keeps it from fetching
 models.dev (without it opencode resolves the internet at every start), and
-`autoupdate: false` / `OPENCODE_DISABLE_AUTOUPDATE` from looking for updates; nothing
-else leaves 127.0.0.1.  opencode's own retry policy is left as shipped (6 attempts over
-about 80 s for 5xx and unreachable servers, the server's `retry-after` honoured), so each
-case shows what a user of that version gets.
+`autoupdate: false` / `OPENCODE_DISABLE_AUTOUPDATE` from looking for updates, and
+`npm_config_offline=true` its background npm install of `@opencode-ai/plugin` from the
+registry (checked after the success case); nothing else leaves 127.0.0.1.  opencode's
+own retry policy is left as shipped (6 attempts over about 80 s for 5xx and unreachable
+servers, the server's `retry-after` honoured), so each case shows what a user of that
+version gets.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +96,15 @@ def test_success_output_is_only_the_model_text_and_the_body_is_the_system_prompt
     assert task["session_id"].startswith("ses_")
     assert task["last_event"].startswith("step 1 done (stop); tokens so far: 1,200 input")
     assert f"| a | $0.0000 | {PROMPT_TOKENS:,} | {COMPLETION_TOKENS} | 1 |" in oc.report_md()
+    assert _npm_registry_requests(oc) == []
+
+
+def _npm_registry_requests(ap: AgentProject) -> list[str]:
+    """URLs npm fetched for opencode (its HTTP cache keeps one index entry per request)."""
+    index = Path(ap.env["HOME"]) / ".npm" / "_cacache" / "index-v5"
+    found = re.findall(r'"key":"make-fetch-happen:request-cache:([^"]+)"', "".join(
+        p.read_text(errors="replace") for p in index.rglob("*") if p.is_file()))
+    return sorted(set(found))
 
 
 def test_an_agent_in_opencode_agent_runs_by_name_with_its_own_model(
