@@ -53,6 +53,7 @@ from typing import Any
 import yaml
 
 from .errors import Diagnostic, DispatchError
+from .probe import exists
 
 PROJECT_AGENT_DIRS: tuple[str, ...] = (
     ".aiwg/agents",
@@ -209,7 +210,7 @@ def search_dirs(project: Path, home: Path | None = None) -> list[Path]:
     seen: set[Path] = set()
     result: list[Path] = []
     for directory in candidates:
-        key = directory.resolve() if _exists(directory) else directory.absolute()
+        key = directory.resolve() if exists(directory) else directory.absolute()
         if key not in seen:
             seen.add(key)
             result.append(directory)
@@ -222,16 +223,6 @@ def _default_home() -> Path:
     env = os.environ.get("HOME")
     return Path(env) if env else Path.home()
 
-
-def _exists(path: Path) -> bool:
-    """`Path.exists`, but a folder we may not look into (EACCES) counts as there."""
-    try:
-        path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _is_file(entry: os.DirEntry[str]) -> bool:

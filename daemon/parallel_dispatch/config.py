@@ -29,6 +29,7 @@ from pydantic import (
 from .errors import ConfigError, Diagnostic
 from .model import InputsMode, OnFailure, Settings
 from .presets import RunnerName
+from .probe import exists
 
 CONFIG_NAME = "dispatch.toml"
 
@@ -180,25 +181,14 @@ def find_project_root(task_file: Path, cwd: Path | None = None) -> Path:
     home = _home()
     for candidate in chain:
         if _is_dir(candidate / ".aiwg") and (
-                candidate != home or _exists(candidate / ".aiwg" / CONFIG_NAME)):
+                candidate != home or exists(candidate / ".aiwg" / CONFIG_NAME)):
             return candidate
     for candidate in chain:
-        if candidate != home and (_exists(candidate / ".git")
+        if candidate != home and (exists(candidate / ".git")
                                   or _is_dir(candidate / ".claude")):
             return candidate
     return (cwd or Path.cwd()).resolve()
 
-
-def _exists(path: Path) -> bool:
-    """`Path.exists`, except that a path we may not look at (EACCES) counts as there:
-    the project is found, and reading its config then says what is wrong."""
-    try:
-        path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _is_dir(path: Path) -> bool:

@@ -42,6 +42,7 @@ from ..fingerprint import hash_files
 from ..fmt import now_iso, plural
 from ..loader import load_spec
 from ..orphans import REGISTRY_DIR, AgentRegistry
+from ..probe import exists
 from ..progress import PlainProgress
 from ..report import write_error_report
 from ..result import COUNTED, PROBLEMS, RunResult, RunStatus, TaskRecord, TaskStatus
@@ -314,7 +315,7 @@ class Daemon:
             if fs is None or (fs.mtime_ns and fs.mtime_ns != _mtime_ns(path)):
                 self._touch(path)
         for fs in list(self.files.values()):
-            if not _exists(fs.path):
+            if not exists(fs.path):
                 self._touch(fs.path)  # gone while the watcher was down
             elif fs.patterns and fs.files_hash != hash_files(self.project, fs.patterns):
                 self._touch(fs.path)
@@ -411,7 +412,7 @@ class Daemon:
             for path in self._task_files(folder):
                 self._touch(path, content_event=True)
         for path in [p for p in self.files if p.is_relative_to(folder)]:
-            if not _exists(path):
+            if not exists(path):
                 self._touch(path)
 
     def _touch(self, path: Path, content_event: bool = False) -> None:
@@ -423,7 +424,7 @@ class Daemon:
         """
         fs = self.files.get(path)
         if fs is None:
-            if not _exists(path) or self.stopping:
+            if not exists(path) or self.stopping:
                 return
             fs = self.files[path] = TaskFileState(path, task_name(path, self.tasks_dir))
             assert self._nursery is not None
@@ -434,7 +435,7 @@ class Daemon:
             fs.initial = False
         fs.last_change = trio.current_time()
         if fs.scheduler is not None:
-            why = "task file changed" if _exists(path) else "task file deleted"
+            why = "task file changed" if exists(path) else "task file deleted"
             fs.scheduler.interrupt(why)
         fs.dirty.set()
 
@@ -447,7 +448,7 @@ class Daemon:
             fs.dirty = trio.Event()
             if self.stopping:
                 return
-            if not _exists(fs.path):
+            if not exists(fs.path):
                 log.info("[%s] deleted; its outputs stay in %s", fs.name, fs.output_dir)
                 del self.files[fs.path]
                 self.changed()
@@ -590,7 +591,7 @@ class Daemon:
 
     def _claimed_by_other(self, fs: TaskFileState, out: Path) -> TaskFileState | None:
         for other in self.files.values():
-            if other is fs or other.output_dir is None or not _exists(other.path):
+            if other is fs or other.output_dir is None or not exists(other.path):
                 continue
             if (out == other.output_dir or out.is_relative_to(other.output_dir)
                     or other.output_dir.is_relative_to(out)):
@@ -715,17 +716,6 @@ def _fingerprint(path: Path) -> str | None:
         return f"unreadable:{exc.errno}"
     return hashlib.sha256(data).hexdigest()
 
-
-def _exists(path: Path) -> bool:
-    """`Path.exists`, but a file we may not look at (EACCES) is there: loading it
-    then reports why it cannot be read."""
-    try:
-        path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _is_dir(path: Path) -> bool:
