@@ -641,6 +641,11 @@ def test_opencode_tool_lists_become_permissions() -> None:
     ("Error: Error code: 429 - Rate limit reached for stub-model in organization org-stub on "
      "requests per min (RPM): Limit 3, Used 3, Requested 1. Please try again in 2s.",
      "rate_limit", True, 2.0),
+    ("Error: Error code: 429 - Rate limit reached for model `llama-3.1-8b-instant` on tokens "
+     "per day (TPD): Limit 500000, Used 499771, Requested 1042. Please try again in 1m2.64s.",
+     "rate_limit", True, 62.64),
+    ("Error: Error code: 429 - Rate limit reached. Please try again in 120ms.",
+     "rate_limit", True, 0.12),
     ("Error: Error code: 429 - You exceeded your current quota, please check your plan and "
      "billing details.", "quota", False, None),
     ("Error: Error code: 529 - Overloaded", "overloaded", True, None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from pathlib import Path
 
 
@@ -34,3 +35,17 @@ def rel_path(path: Path, root: Path) -> str:
 def plural(n: int, word: str, many: str | None = None) -> str:
     """`1 wave`, `2 waves`: counts the CLI prints read as English."""
     return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def duration_s(value: str) -> float | None:
+    """`6m0s` → 360.0, `120ms` → 0.12, as OpenAI-style servers write waits (headers and
+    messages); None when it is not such a duration."""
+    value = value.strip()
+    parts = _DURATION.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        return None
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * scale[u] for n, u in parts)

@@ -27,12 +27,14 @@ import re
 from typing import Any
 
 from ..events import AgentEvent, Cause
+from ..fmt import duration_s
 from .preset import Call, Invocation, Parsed, PresetRunner, StreamName, cause_patterns, last_line
 
 USAGE_RE = re.compile(r"Token usage: ([\d,]+) input, ([\d,]+) output")
 STATUS_RE = re.compile(r"Error code: (\d{3})\b")
 RETRY_RE = re.compile(r"Retrying request in ([\d.]+) seconds \(retry (\d+) of (\d+)\)")
-WAIT_RE = re.compile(r"try again in (\d+(?:\.\d+)?)(ms|s)\b", re.IGNORECASE)
+WAIT_RE = re.compile(r"try again in ((?:\d+(?:\.\d+)?(?:ms|h|m|s))+)(?![a-z])", re.IGNORECASE)
+"""The server's wait in its message: `2s`, `120ms`, or with minutes, `1m2.64s`."""
 TEXT_CAUSES = cause_patterns(
     ("auth", r"no key found|incorrect api key|invalid[ _]api[ _]key|unauthori[sz]ed|"
              r"authentication"),
@@ -136,5 +138,5 @@ class LlmRunner(PresetRunner):
         wait = WAIT_RE.search(message) if cause == "rate_limit" else None
         retry_after = None
         if wait:
-            retry_after = float(wait.group(1)) / (1000 if wait.group(2) == "ms" else 1)
+            retry_after = duration_s(wait.group(1).lower())
         return self.provider_error(cause, message, retry_after=retry_after)

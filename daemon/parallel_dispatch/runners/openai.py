@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import email.utils
 import json
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 from ..agents import AgentSpec
 from ..events import CAUSES, AgentEvent, Cause
+from ..fmt import duration_s
 from ..inputs import compose_prompt
 from ..outputs import Staging
 from .attempt import AttemptRunner, log_error
@@ -47,7 +47,6 @@ DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 CONNECT_TIMEOUT_S = 10.0
 MAX_RETRY_AFTER_S = 3600.0
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
-DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 """OpenAI's `x-ratelimit-reset-*` values: `1s`, `6m0s`, `120ms`, `1h2m3.5s`."""
 
 
@@ -187,16 +186,6 @@ def _server_message(body: bytes) -> str:
         if isinstance(err, str):
             return err
     return text[:300] or "(empty body)"
-
-
-def duration_s(value: str) -> float | None:
-    """`6m0s` → 360.0, `120ms` → 0.12; None when it is not such a duration."""
-    value = value.strip()
-    parts = DURATION.findall(value)
-    if not parts or "".join(n + u for n, u in parts) != value:
-        return None
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-    return sum(float(n) * scale[u] for n, u in parts)
 
 
 def reset_after_s(headers: Any, now: float | None = None) -> float | None:
