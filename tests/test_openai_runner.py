@@ -264,8 +264,17 @@ def test_reset_time_from_openais_rate_limit_headers() -> None:
     assert duration_s("1s") == 1.0 and duration_s("6m0s") == 360.0
     assert duration_s("120ms") == pytest.approx(0.12) and duration_s("1h2m3.5s") == 3723.5
     assert duration_s("soon") is None and duration_s("5 s") is None
-    # Retry-After wins; else the later of the two resets (either limit may be the one hit).
+    # Retry-After wins; else the later of the two resets when neither says which limit is
+    # used up (no x-ratelimit-remaining-*).
     assert reset_after_s({"retry-after": "2", "x-ratelimit-reset-tokens": "6m0s"}) == 2.0
     assert reset_after_s({"x-ratelimit-reset-requests": "120ms",
                           "x-ratelimit-reset-tokens": "1.5s"}) == 1.5
     assert reset_after_s({"x-ratelimit-reset-requests": "bogus"}) is None
+    # The exhausted limit decides: the token window refilling in 6 min does not matter
+    # when it is the request limit (reset in 2 s) that is used up, and vice versa.
+    assert reset_after_s({"x-ratelimit-reset-requests": "2s", "x-ratelimit-remaining-requests": "0",
+                          "x-ratelimit-reset-tokens": "6m0s",
+                          "x-ratelimit-remaining-tokens": "149000"}) == 2.0
+    assert reset_after_s({"x-ratelimit-reset-requests": "2s", "x-ratelimit-remaining-requests": "7",
+                          "x-ratelimit-reset-tokens": "6m0s",
+                          "x-ratelimit-remaining-tokens": "0"}) == 360.0

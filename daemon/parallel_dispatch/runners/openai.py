@@ -190,14 +190,24 @@ def _server_message(body: bytes) -> str:
 
 def reset_after_s(headers: Any, now: float | None = None) -> float | None:
     """How long a rate-limited client should wait: `Retry-After` (or `retry-after-ms`),
-    else the later of OpenAI's `x-ratelimit-reset-requests` / `-tokens`."""
+    else OpenAI's `x-ratelimit-reset-requests` / `-tokens`.
+
+    Only a limit whose `x-ratelimit-remaining-*` is 0 says how long to wait (the other
+    resets tell when an unexhausted window refills); when neither says it is used up,
+    or the server sends no `remaining`, the later reset is the safe answer."""
     wait = retry_after_s(headers, now)
     if wait is not None:
         return wait
-    resets = [duration_s(str(headers.get(h) or "")) for h in
-              ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
-    known = [r for r in resets if r is not None]
-    return min(max(known), MAX_RETRY_AFTER_S) if known else None
+    resets: dict[str, float] = {}
+    for kind in ("requests", "tokens"):
+        reset = duration_s(str(headers.get(f"x-ratelimit-reset-{kind}") or ""))
+        if reset is not None:
+            resets[kind] = reset
+    if not resets:
+        return None
+    spent = [r for kind, r in resets.items()
+             if str(headers.get(f"x-ratelimit-remaining-{kind}") or "").strip() == "0"]
+    return min(max(spent or resets.values()), MAX_RETRY_AFTER_S)
 
 
 def retry_after_s(headers: Any, now: float | None = None) -> float | None:
