@@ -12,7 +12,6 @@ import dataclasses
 import datetime as _dt
 import errno
 import json
-import os
 import resource
 import secrets
 import signal
@@ -29,6 +28,7 @@ from .fmt import now_iso, plural
 from .incremental import Reuse
 from .loader import load_spec
 from .outputs import clean_staging, clean_stale_staging
+from .probe import pid_alive
 from .process import sweep_run
 from .progress import NullProgress, Progress
 from .report import REPORT_JSON, REPORT_MD, to_json, to_markdown, write_reports
@@ -197,15 +197,8 @@ def _run_in_progress(state: State) -> bool:
     dispatcher still alive, maybe this very daemon): then its staging must stay."""
     runs = state.runs
     pid = runs.get("pid")
-    if runs.get("status") != RunStatus.RUNNING or not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return (runs.get("status") == RunStatus.RUNNING and isinstance(pid, int) and pid > 0
+            and pid_alive(pid))
 
 
 FDS_PER_AGENT = 8

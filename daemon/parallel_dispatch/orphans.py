@@ -21,25 +21,12 @@ import signal
 from pathlib import Path
 from typing import IO
 
+from .probe import pid_alive
 from .process import claim_orphans, signal_group, tagged
 
 log = logging.getLogger("parallel_dispatch")
 
 REGISTRY_DIR = ".aiwg/.dispatch-agents"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -118,7 +105,7 @@ class AgentRegistry:
                 owner = int(entry.stem)
             except ValueError:
                 continue
-            if owner == os.getpid() or _alive(owner):
+            if owner == os.getpid() or pid_alive(owner):
                 continue  # its dispatcher is still looking after its agents
             live, seen = _replay(entry)
             runs |= seen

@@ -1,11 +1,13 @@
-"""Looking at a path without tripping over permissions.
+"""Looking at a path or a process without tripping over permissions.
 
 A path we may not look at (EACCES) is treated as *there*: the caller then goes on to
-read it and reports why it cannot, instead of the path silently not existing.
+read it and reports why it cannot, instead of the path silently not existing.  A
+process we may not signal (EPERM) is alive: it belongs to someone else, not to nobody.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -18,3 +20,18 @@ def exists(path: Path) -> bool:
     except OSError:
         return True
     return True
+
+
+def pid_alive(pid: int) -> bool:
+    """A live process, not a zombie; one we may not signal (EPERM) is alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True

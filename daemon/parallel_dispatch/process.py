@@ -264,13 +264,22 @@ async def kill_tagged(markers: Iterable[str], limit: float = SWEEP_LIMIT_S) -> l
         alive = [p for p in tagged(markers) if not _dead(p)]
         if not alive:
             return []
-        for pid in alive:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-                _killed.add(pid)
-        await _settle(alive, deadline)
-        if trio.current_time() >= deadline:
-            return [p for p in alive if not _dead(p)]
+        survivors = await _kill_and_settle(alive, deadline)
+        if survivors is not None:
+            return survivors
+
+
+async def _kill_and_settle(pids: list[int], deadline: float) -> list[int] | None:
+    """SIGKILL `pids` and wait for them; past the deadline, the ones still alive (the
+    caller gives up), else None (the caller looks again: the dead may have had children)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            _killed.add(pid)
+    await _settle(pids, deadline)
+    if trio.current_time() >= deadline:
+        return [p for p in pids if not _dead(p)]
+    return None
 
 
 async def _settle(pids: Iterable[int], deadline: float) -> None:
@@ -328,13 +337,9 @@ async def _kill_unknown_children(deadline: float) -> list[int]:
         victims = _unknown_children()
         if not victims:
             return []
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-                _killed.add(pid)
-        await _settle(victims, deadline)
-        if trio.current_time() >= deadline:
-            return [p for p in victims if not _dead(p)]
+        survivors = await _kill_and_settle(list(victims), deadline)
+        if survivors is not None:
+            return survivors
 
 
 async def sweep_attempt(pgid: int, token: str, limit: float = SWEEP_LIMIT_S) -> list[int]:

@@ -21,6 +21,7 @@ from ..errors import DispatchError, TaskFileError
 from ..fmt import plural
 from ..loader import load_spec
 from ..model import Settings
+from ..probe import pid_alive
 from ..report import REPORT_JSON
 from ..result import COUNTED, RunStatus
 from ..state import STATE_FILE, State
@@ -28,12 +29,12 @@ from ..taskfiles import STATUS_FILE, is_task_file, task_name
 
 
 def _daemon(project: Path) -> dict[str, Any] | None:
+    """The running daemon's status file; a daemon of another user (EPERM) is running."""
     try:
         data = json.loads((project / STATUS_FILE).read_text())
-        os.kill(int(data["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    return data if isinstance(data, dict) and _alive(data.get("pid")) else None
 
 
 STATE_SEARCH_DEPTH = 5
@@ -100,11 +101,7 @@ def _rel(path: Path, project: Path) -> str:
 
 
 def _alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, ValueError, TypeError):
-        return False
-    return True
+    return isinstance(pid, int) and pid > 0 and pid_alive(pid)
 
 
 def _run_lines(run: _Run, project: Path) -> list[str]:
