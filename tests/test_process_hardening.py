@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -182,6 +183,20 @@ def test_in_process_run_kills_escapees_and_leaves_no_zombie(project: Project) ->
 
 
 # -- item 15: a run cancelled from outside still settles every task -------------------------
+def _run_cancelled_after(project: Project, seconds: float) -> dict[str, Any]:
+    """Run t.yaml in process, cancel it from outside after `seconds`, return its report."""
+    spec = load_spec(project.root / "t.yaml", cwd=project.root)
+
+    async def main() -> None:
+        with trio.move_on_after(seconds):
+            await run_spec(spec)
+
+    trio.run(main)
+    report: dict[str, Any] = json.loads(
+        (project.root / ".aiwg/working/dispatch-report.json").read_text())
+    return report
+
+
 def test_cancelled_run_spec_reports_no_running_or_pending_task(project: Project) -> None:
     project.write("t.yaml", """\
         tasks:
@@ -190,14 +205,7 @@ def test_cancelled_run_spec_reports_no_running_or_pending_task(project: Project)
              dependencies: [slow]}
           - {id: quick, agent: shell, prompt: "echo hi", output: quick.txt}
     """)
-    spec = load_spec(project.root / "t.yaml", cwd=project.root)
-
-    async def main() -> None:
-        with trio.move_on_after(3):
-            await run_spec(spec)
-
-    trio.run(main)
-    report = json.loads((project.root / ".aiwg/working/dispatch-report.json").read_text())
+    report = _run_cancelled_after(project, 3)
     statuses = {t["id"]: t["status"] for t in report["tasks"]}
     assert statuses == {"slow": "cancelled", "after": "skipped", "quick": "succeeded"}, statuses
     assert report["status"] != "running"
@@ -210,12 +218,5 @@ def test_cancel_while_queued_or_in_backoff_settles(project: Project, where: str)
             "- {id: a, agent: shell, prompt: 'sleep 600', output: a.txt}\n"
             "  - {id: b, agent: shell, prompt: 'sleep 600', output: b.txt}\n")
     project.write("t.yaml", "settings: {max_parallel: 1, retry_backoff: 600}\ntasks:\n  " + body)
-    spec = load_spec(project.root / "t.yaml", cwd=project.root)
-
-    async def main() -> None:
-        with trio.move_on_after(2):
-            await run_spec(spec)
-
-    trio.run(main)
-    report = json.loads((project.root / ".aiwg/working/dispatch-report.json").read_text())
+    report = _run_cancelled_after(project, 2)
     assert {t["status"] for t in report["tasks"]} <= {"cancelled", "skipped", "failed"}, report

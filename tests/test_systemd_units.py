@@ -64,7 +64,12 @@ CASES = [
 
 def _settings(unit_file: str) -> dict[str, list[str]]:
     """Key → values of the [Service] section, comments skipped."""
-    values: dict[str, list[str]] = {}
+    return _sections(unit_file).get("[Service]", {})
+
+
+def _sections(unit_file: str) -> dict[str, dict[str, list[str]]]:
+    """Section → key → values, comments skipped."""
+    sections: dict[str, dict[str, list[str]]] = {}
     section = ""
     for raw in (UNIT_DIR / unit_file).read_text().splitlines():
         line = raw.strip()
@@ -73,10 +78,9 @@ def _settings(unit_file: str) -> dict[str, list[str]]:
         if line.startswith("["):
             section = line
             continue
-        if section == "[Service]":
-            key, _, value = line.partition("=")
-            values.setdefault(key, []).append(value)
-    return values
+        key, _, value = line.partition("=")
+        sections.setdefault(section, {}).setdefault(key, []).append(value)
+    return sections
 
 
 def _entry_point() -> str:
@@ -213,26 +217,12 @@ def test_security_exposure(tmp_path: Path, case: Case) -> None:
 # --- the agent-sandboxes.conf drop-in ------------------------------------------------------
 
 
-def _dropin_settings() -> dict[str, list[str]]:
-    values: dict[str, list[str]] = {}
-    section = ""
-    for raw in (UNIT_DIR / AGENT_SANDBOXES).read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line
-            continue
-        assert section == "[Service]", line
-        key, _, value = line.partition("=")
-        values.setdefault(key, []).append(value)
-    return values
-
-
 def test_agent_sandboxes_dropin_allows_exactly_what_bubblewrap_needs() -> None:
     """Each entry is needed (tests/test_agent_sandboxes.py takes each out in turn); this
     keeps anything else from creeping in."""
-    assert _dropin_settings() == {
+    sections = _sections(AGENT_SANDBOXES)
+    assert list(sections) == ["[Service]"], sections
+    assert sections["[Service]"] == {
         "RestrictNamespaces": ["user mnt pid net ipc"],
         "SystemCallFilter": ["capset mount umount2 pivot_root seccomp"],
         "RestrictAddressFamilies": ["AF_NETLINK"],
