@@ -179,10 +179,8 @@ class Scheduler:
         if outcome.ok and not outcome.metrics:
             rec.end_s = now
             rec.exit_code = outcome.exit_code
-            rec.error = rec.last_event = rec.cause = None
-            rec.status = TaskStatus.SUCCEEDED
-            self.plan.succeeded(i)
-            self._done(rec)
+            rec.last_event = rec.cause = None
+            self._succeeded(i, rec)
             return None
         status = TaskStatus.SUCCEEDED if outcome.ok else TaskStatus.FAILED
         return _Finished(i, rec.attempts, status, outcome, now, now)
@@ -266,6 +264,12 @@ class Scheduler:
         rec.event = ev.text
         self.progress.task_event(rec, ev)
 
+    def _succeeded(self, i: int, rec: TaskRecord) -> None:
+        rec.status = TaskStatus.SUCCEEDED
+        rec.error = None
+        self.plan.succeeded(i)
+        self._done(rec)
+
     def _handle(self, msg: _Finished, nursery: trio.Nursery,
                 send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
         i = msg.index
@@ -320,10 +324,7 @@ class Scheduler:
         if status == TaskStatus.CANCELLED:
             rec.error = f"cancelled: {self._stopping or 'run stopped'}"
         if status == TaskStatus.SUCCEEDED:
-            rec.status = TaskStatus.SUCCEEDED
-            rec.error = None
-            self.plan.succeeded(i)
-            self._done(rec)
+            self._succeeded(i, rec)
             return
         retryable = msg.status in _DEADLINES or (out is not None and out.retryable)
         if (status in PROBLEMS and retryable
