@@ -94,8 +94,10 @@ class Graph:
 def topological_order(
     deps: Sequence[Sequence[int]], children: Sequence[Sequence[int]]
 ) -> list[int]:
-    """Kahn's algorithm; returns fewer than n nodes when there is a cycle."""
-
+    """Kahn's algorithm, the smallest ready index first; returns fewer than n nodes when
+    there is a cycle."""
+    if _file_ordered(deps):
+        return list(range(len(deps)))  # what Kahn's gives then, without the heap
     indegree = [len(d) for d in deps]
     ready = [i for i, k in enumerate(indegree) if k == 0]
     heapq.heapify(ready)
@@ -110,11 +112,22 @@ def topological_order(
     return order
 
 
+def _file_ordered(deps: Sequence[Sequence[int]]) -> bool:
+    """Whether every task depends only on tasks before it in the file, as files are
+    usually written.  Then file order is a topological order, and Kahn's algorithm
+    taking the smallest ready index first yields exactly it: when it picks next, the
+    first task not yet taken has all its dependencies taken.  50,000 tasks: 0.01 s
+    instead of 0.06 s for Kahn's and 0.1 s for Tarjan's."""
+    return all(not ds or max(ds) < i for i, ds in enumerate(deps))
+
+
 def find_cycles(deps: Sequence[Sequence[int]]) -> list[list[int]]:
     """One cycle (as a closed list of nodes) per strongly connected component.
 
     Iterative Tarjan, so deep chains in big files don't hit the recursion limit.
     """
+    if _file_ordered(deps):
+        return []  # a cycle needs an edge to a later task
     n = len(deps)
     index = [-1] * n
     low = [0] * n

@@ -257,18 +257,21 @@ class _Checker:
             deps = raw.get("dependencies") if isinstance(raw, dict) else None
             if not isinstance(deps, list):
                 continue
+            own, found = raw.get("id"), edges[i]
             for j, dep in enumerate(deps):
                 if not isinstance(dep, str):
                     continue
+                k = ids.get(dep)
+                if k is not None and dep != own:
+                    found.append(k)
+                    continue
                 loc = ("tasks", i, "dependencies", j)
-                if dep == raw.get("id"):
+                if dep == own:
                     self.add(loc, "a task cannot depend on itself; remove it from 'dependencies'")
-                elif dep not in ids:
+                else:
                     near = suggester.closest(dep)  # (an id may itself be invalid: quoted)
                     hint = f"; did you mean {_quoted(near)}?" if near else ""
                     self.add(loc, f"unknown dependency {_quoted(dep)}{hint}")
-                else:
-                    edges[i].append(ids[dep])
         for cycle in find_cycles(edges):
             # (the cycle ends with its first task again; a long one is shown shortened)
             long = len(cycle) > 12
@@ -286,26 +289,25 @@ class _Checker:
         seen: dict[str, int] = {}
         dirs: dict[str, int] = {}
         norms: dict[int, str] = {}
-        outputs = {i: out for i, raw in enumerate(self.raw_tasks)
-                   if (out := _str_field(raw, "output")) is not None}
+        outputs = {i: out for i, raw in enumerate(self.raw_tasks)  # (`_str_field`, inlined)
+                   if isinstance(raw, dict) and isinstance(out := raw.get("output"), str) and out}
+        plain = _PLAIN_OUTPUT.fullmatch
+        room = min(MAX_NAME_BYTES, MAX_PATH_BYTES // 4 - len(str(output_dir)) - 1)
         for i, out in outputs.items():
             loc = ("tasks", i, "output")
-            norm = posixpath.normpath(out.replace("\\", "/"))
-            if os.path.isabs(out) or out.startswith("~") or norm.startswith("/"):
-                self.add(loc, f"output {_quoted(out)} is absolute; give a path relative to "
-                              f"output_dir ({output_dir})")
-                continue
-            if norm == ".." or norm.startswith("../"):
-                self.add(loc, f"output {_quoted(out)} leaves the output dir through '..'")
-                continue
-            if norm == ".":
-                self.add(loc, f"output {_quoted(out)} names the output dir itself; name a file or "
-                              "directory inside it")
-                continue
-            problem = _output_problem(out, norm, output_dir)
-            if problem is not None:
-                self.add(loc, problem)
-                continue
+            if plain(out):  # most outputs: only the checks of `_name_problem` can apply,
+                norm = out[:-1] if out[-1] == "/" else out
+                # and to a plain one only if it is long or its top is a reserved name
+                if len(norm) > room or norm.partition("/")[0] in RESERVED_OUTPUTS:
+                    problem = _name_problem(out, norm, output_dir)
+                    if problem is not None:
+                        self.add(loc, problem)
+                        continue
+            else:
+                normal = self._unusual_output(loc, out, output_dir)
+                if normal is None:
+                    continue
+                norm = normal
             escape = symlinks.escape(norm)
             if escape is not None:
                 self.add(loc, f"output {_quoted(out)} {escape}")
@@ -332,6 +334,27 @@ class _Checker:
                              "outputs must not overlap")
                     break
                 parent = parent.rpartition("/")[0]
+
+    def _unusual_output(self, loc: tuple[str | int, ...], out: str,
+                        output_dir: Path) -> str | None:
+        """`out` normalised, or None when it cannot be an output (reported)."""
+        norm = posixpath.normpath(out.replace("\\", "/"))
+        if os.path.isabs(out) or out.startswith("~") or norm.startswith("/"):
+            self.add(loc, f"output {_quoted(out)} is absolute; give a path relative to "
+                          f"output_dir ({output_dir})")
+            return None
+        if norm == ".." or norm.startswith("../"):
+            self.add(loc, f"output {_quoted(out)} leaves the output dir through '..'")
+            return None
+        if norm == ".":
+            self.add(loc, f"output {_quoted(out)} names the output dir itself; name a file or "
+                          "directory inside it")
+            return None
+        problem = _output_problem(out, norm, output_dir)
+        if problem is not None:
+            self.add(loc, problem)
+            return None
+        return norm
 
     def check_agents(self, config: ProjectConfig) -> list[Any]:
         """Resolve every task's agent (None where it does not resolve)."""
@@ -406,6 +429,18 @@ def _output_problem(out: str, norm: str, output_dir: Path) -> str | None:
         kind = ("a control character" if code < 0x20 or 0x7F <= code <= 0x9F
                 else "an invisible or direction-changing character")
         return f"output {_short(out)} contains {kind} (U+{code:04X}); use printable characters"
+    return _name_problem(out, norm, output_dir)
+
+
+_PLAIN_OUTPUT = re.compile(r"(?:[A-Za-z0-9_][\w.-]*/)*[A-Za-z0-9_][\w.-]*/?", re.ASCII)
+"""An output that is normalised (but for a final `/`) and relative, in printable ASCII,
+no part of it starting with a dot: of the checks of `_output_problem` only those of
+`_name_problem` can apply to it.  Most outputs; this skips 0.05 s of 50,000."""
+
+
+def _name_problem(out: str, norm: str, output_dir: Path) -> str | None:
+    """A reserved name, or a part or whole path too long: `_output_problem` without the
+    character check."""
     top = norm.split("/", 1)[0]
     if (top in RESERVED_OUTPUTS or top.startswith(".dispatch")
             or STAGED_NAME.match(norm.rpartition("/")[2])):

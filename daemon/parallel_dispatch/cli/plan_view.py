@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..fmt import fmt_duration, plural
+from ..plan import Plan, expected_durations
 from ..result import RunResult
 from ..runners.base import Job, Runner
 from ..spec import DispatchSpec
+from ..state import State
 
 
 def render_plan(spec: DispatchSpec, result: RunResult, runner: Runner) -> str:
+    """The plan of a dry run through the scheduler (`run --dry-run`)."""
+    return _render(spec, result.plan_lines, result.critical_path, runner, result.run_id)
+
+
+def plan_text(spec: DispatchSpec, runner: Runner, run_id: str) -> str:
+    """What `run --dry-run` prints, without running the scheduler: for `plan`.
+
+    A dry run's every task succeeds the moment it starts, so its start order is
+    `Plan.instant_order()` over the same weights (the durations recorded in the
+    output dir's state), and nothing else about the run shows in the plan.
+    """
+    durations = State.load(spec.settings.output_dir).durations()
+    graph = spec.graph
+    weights = expected_durations(graph.ids, durations)
+    rest = graph.remaining_path(weights)
+    ids = graph.ids
+    order = [ids[i] for i in Plan(graph, rest).instant_order()]
+    critical = [ids[i] for i in graph.critical_path(weights, rest)]
+    return _render(spec, order, critical, runner, run_id)
+
+
+def _render(spec: DispatchSpec, order: Sequence[str], critical: Sequence[str],
+            runner: Runner, run_id: str) -> str:
     s = spec.settings
     waves = spec.graph.waves()
     lines = [
@@ -20,25 +47,28 @@ def render_plan(spec: DispatchSpec, result: RunResult, runner: Runner) -> str:
         f"  output dir:   {s.output_dir}",
         "",
     ]
+    tasks, describe = spec.tasks, runner.describe
     for n, members in enumerate(waves, start=1):
         lines.append(f"Wave {n}:")
-        for i in members:
-            t = spec.tasks[i]
-            deps = f"  (after {', '.join(t.dependencies)})" if t.dependencies else ""
-            lines.append(f"  {t.id} [{t.agent}] → {t.output}{deps}")
-            job = Job(spec, i, 1, result.run_id)
-            lines.append(f"      $ {runner.describe(job)}")
+        for i in members:  # (one string per task: 50,000 of them)
+            t = tasks[i]
+            desc = describe(Job(spec, i, 1, run_id))
+            attempts = spec.max_attempts(i)
+            if not (t.dependencies or t.timeout or attempts > 1):
+                lines.append(f"  {t.id} [{t.agent}] → {t.output}\n      $ {desc}")
+                continue
             extra = []
             if t.timeout:
                 extra.append(f"timeout {fmt_duration(t.timeout / 1000)}")
-            attempts = spec.max_attempts(i)
             if attempts > 1:
                 extra.append(f"up to {attempts} attempts")
+            deps = ""
             if t.dependencies:
                 extra.append(f"inputs {spec.inputs_mode(i)}")
-            if extra:
-                lines.append(f"      ({', '.join(extra)})")
+                deps = f"  (after {', '.join(t.dependencies)})"
+            lines.append(f"  {t.id} [{t.agent}] → {t.output}{deps}\n      $ {desc}\n"
+                         f"      ({', '.join(extra)})")
         lines.append("")
-    lines.append(f"Start order: {', '.join(result.plan_lines)}")
-    lines.append(f"Critical path: {' → '.join(result.critical_path)}")
+    lines.append(f"Start order: {', '.join(order)}")
+    lines.append(f"Critical path: {' → '.join(critical)}")
     return "\n".join(lines)
