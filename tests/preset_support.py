@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from support import Project, cli_env
+from warmcli import run_cli
 
 FAKE_BIN = Path(__file__).parent / "fakes" / "bin"
 SCRUB = ("FAKE_", "GEMINI_", "OPENAI_", "ANTHROPIC_", "CODEX_")
@@ -51,9 +51,9 @@ class AgentProject:
         return self.project.write(name, text)
 
     def run(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "parallel_dispatch", *args], cwd=self.root, text=True,
-            capture_output=True, timeout=timeout, env={**self.env, **env}, check=False)
+        """The CLI with this project's environment plus `env`, forked warm unless the
+        project is `cold` (warmcli.py)."""
+        return run_cli(args, self.root, {**self.env, **env}, timeout, cold=self.project.cold)
 
     def calls(self, tool: str | None = None) -> list[dict[str, Any]]:
         if not self.record.exists():

@@ -18,6 +18,8 @@ AGENT = TESTS / "bin" / "test-agent"
 @dataclass
 class Project:
     root: Path
+    cold: bool = False
+    """Run the CLI as a fresh interpreter, not forked warm (see warmcli.py)."""
 
     @property
     def agent_log(self) -> Path:
@@ -55,13 +57,12 @@ class Project:
                 out[task] = (start[task], float(e["t"]))  # type: ignore[arg-type]
         return out
 
-    def run(
-        self, *args: str, timeout: float = 120, **kw: object
-    ) -> subprocess.CompletedProcess[str]:
-        """Run the CLI as a real subprocess in the project root."""
-        return subprocess.run(
-            [sys.executable, "-m", "parallel_dispatch", *args], cwd=self.root, text=True,
-            capture_output=True, timeout=timeout, env=cli_env(), **kw)  # type: ignore[call-overload]
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run the CLI in the project root: `python -m parallel_dispatch ARGS`, forked
+        from a warm interpreter unless `cold` (warmcli.py)."""
+        from warmcli import run_cli
+
+        return run_cli(args, self.root, cli_env(), timeout, cold=self.cold)
 
     def report(self, output_dir: str = ".aiwg/working") -> dict[str, object]:
         return json.loads((self.root / output_dir / "dispatch-report.json").read_text())

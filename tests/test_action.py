@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 from github_stub import BOT_LOGIN, MAX_BODY, GitHubStub
 from parallel_dispatch.github import comment as gh
 from test_workflow_commands import parse_command, parse_output_file, runner_acts_on
+from warmcli import run_cli
 
 REPO = "octo/widgets"
 PR = 7
@@ -124,9 +123,12 @@ def run_action(
     token: str = "installation-token",
     event: str = "pull_request",
     extra_env: dict[str, str] | None = None,
+    cold: bool = False,
     **inputs: str,
 ) -> Run:
-    """Run the command like the runner would: INPUT_* and GITHUB_* in the environment."""
+    """Run the command like the runner would: INPUT_* and GITHUB_* in the environment.
+    Forked warm (warmcli.py) unless `cold`: what the process's own exec-time environment
+    (/proc/PID/environ) holds needs a real exec."""
     out_file, summary_file = workdir / "github_output", workdir / "step_summary"
     for f in (out_file, summary_file):
         f.write_text("")
@@ -154,15 +156,7 @@ def run_action(
     )
     env.update({f"INPUT_{k.upper().replace('_', '-')}": v for k, v in inputs.items()})
     env.update(extra_env or {})
-    proc = subprocess.run(
-        [sys.executable, "-m", "parallel_dispatch", "action", *args],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_cli(["action", *args], workdir, env, timeout=120, cold=cold)
     return Run(
         proc.returncode,
         proc.stdout,
@@ -371,8 +365,6 @@ def test_summary_is_cut_by_section_when_the_file_is_nearly_full(
 def test_example_workflow_files_validate() -> None:
     """The files .github/workflows/dispatch-example.yml points at exist and are valid."""
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
@@ -380,10 +372,8 @@ def test_example_workflow_files_validate() -> None:
     assert "task-file: examples/pr-review.yaml" in workflow
     assert "config: examples/pr-review.toml" in workflow
     env = dict(os.environ, PATH=f"{repo / 'tests/fakes/bin'}{os.pathsep}{os.environ['PATH']}")
-    out = subprocess.run(
-        [sys.executable, "-m", "parallel_dispatch", "plan", "examples/pr-review.yaml",
-         "--config", "examples/pr-review.toml"],
-        cwd=repo, env=env, capture_output=True, text=True, check=False)
+    out = run_cli(["plan", "examples/pr-review.yaml", "--config", "examples/pr-review.toml"],
+                  repo, env)
     assert out.returncode == 0, out.stderr
     assert ("claude -p --output-format stream-json --verbose --no-session-persistence "
             "--tools=") in out.stdout
@@ -441,7 +431,8 @@ def test_no_token_or_runner_file_reaches_an_agent_and_nothing_posted_shows_it(
         "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "oidc-request-secret",
         **{k: str(v) for k, v in files.items()},
     }
-    run = run_action(workdir, stub, token=TOKEN, task_file="snooping.yml", extra_env=extra)
+    run = run_action(workdir, stub, token=TOKEN, task_file="snooping.yml", extra_env=extra,
+                     cold=True)  # /proc/$PPID/environ: the exec-time environment
     assert run.code == 1, run.stdout + run.stderr  # `told` fails on purpose
     out = workdir / "out-snooping"
     seen = (out / "snoop.txt").read_text()

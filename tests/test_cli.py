@@ -11,6 +11,7 @@ from pathlib import Path
 
 from parallel_dispatch import load_spec
 from support import Project, cli_env, pid_alive, wait_until
+from warmcli import run_cli
 
 
 def test_exit_code_zero_and_report_layout(project: Project) -> None:
@@ -216,8 +217,7 @@ def test_project_root_falls_back_to_cwd(tmp_path: Path) -> None:
     f.write_text("tasks:\n  - {id: a, agent: shell, prompt: 'echo hi', output: a.txt}\n")
     work = tmp_path / "elsewhere"
     work.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "parallel_dispatch", str(f), "-q"], cwd=work,
-                          env=cli_env(), capture_output=True, text=True)
+    proc = run_cli([str(f), "-q"], work, cli_env())
     assert proc.returncode == 0, proc.stderr
     assert (work / ".aiwg/working/a.txt").read_text() == "hi\n"
 

@@ -18,6 +18,8 @@ import pytest
 
 from support import Project, pid_alive
 
+pytestmark = pytest.mark.fresh_cli  # escapees: a real interpreter
+
 
 @pytest.fixture
 def pidfile(project: Project) -> Iterator[Path]:

@@ -10,12 +10,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support import wait_until
 
 FAKE_BIN = Path(__file__).parent / "fakes" / "bin"
 TOOLS = ("claude", "codex", "gemini", "opencode", "llm")
@@ -252,10 +253,7 @@ def start_fake(tool: str, args: list[str], cwd: Path, **env: str) -> subprocess.
 
 
 def wait_for_record(cwd: Path, count: int = 1) -> None:
-    deadline = time.monotonic() + 10
-    while len(records(cwd)) < count:
-        assert time.monotonic() < deadline, "fake never recorded its call"
-        time.sleep(0.02)
+    assert wait_until(lambda: len(records(cwd)) >= count, 10), "fake never recorded its call"
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -277,7 +275,8 @@ def test_hang_hard_ignores_sigterm(tmp_path: Path) -> None:
     proc = start_fake("claude", ["-p"], tmp_path, FAKE_MODE="hang_hard")
     try:
         wait_for_record(tmp_path)
-        time.sleep(0.2)  # let it install the SIGTERM handler after recording
+        assert proc.stderr is not None  # hang() says "working..." once SIGTERM is ignored
+        assert proc.stderr.readline() == "working...\n"
         proc.terminate()
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=0.3)

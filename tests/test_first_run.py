@@ -21,6 +21,7 @@ import pytest
 
 from preset_support import AgentProject, make_agent_project
 from support import Project, cli_env, pid_alive, wait_until
+from warmcli import run_cli
 
 AIWG = Path(__file__).parent / "fixtures" / "aiwg-agents"
 """Unmodified copies of AIWG's agent-template.md, openai-compat.md (no frontmatter) and
@@ -29,10 +30,8 @@ security-architect.md; where they come from is in its SOURCE file."""
 
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """The real CLI as a subprocess, in `cwd`."""
-    return subprocess.run([sys.executable, "-m", "parallel_dispatch", *args], cwd=cwd,
-                          text=True, capture_output=True, timeout=timeout,
-                          env=env or cli_env(), check=False)
+    """The real CLI in `cwd`, forked warm (warmcli.py)."""
+    return run_cli(args, cwd, env or cli_env(), timeout)
 
 
 def write(path: Path, text: str) -> Path:

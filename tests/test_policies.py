@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from support import Project, pid_alive, wait_until
 
 
@@ -21,6 +23,7 @@ def read_pid(path: Path) -> int:
     return int(path.read_text())
 
 
+@pytest.mark.fresh_cli  # process groups and signals: a real interpreter
 def test_timeout_kills_the_grandchild(project: Project) -> None:
     project.config()
     gc = project.root / "grandchild.pid"
@@ -43,6 +46,7 @@ def test_timeout_kills_the_grandchild(project: Project) -> None:
     assert not (project.root / ".aiwg/working/slow.md").exists()
 
 
+@pytest.mark.fresh_cli  # process groups and signals: a real interpreter
 def test_timeout_escalates_to_sigkill_for_term_ignorers(project: Project) -> None:
     project.config()
     gc = project.root / "grandchild.pid"
@@ -60,6 +64,7 @@ def test_timeout_escalates_to_sigkill_for_term_ignorers(project: Project) -> Non
     assert wait_until(lambda: not pid_alive(read_pid(gc)), 10)
 
 
+@pytest.mark.fresh_cli  # process groups and signals: a real interpreter
 def test_leftover_background_processes_are_killed_after_success(project: Project) -> None:
     project.config()
     gc = project.root / "bg.pid"

@@ -4,7 +4,6 @@ error) a file outside the project, such as /etc/shadow to a daemon running as ro
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,8 @@ import pytest
 from parallel_dispatch.config import ProjectConfig
 from parallel_dispatch.errors import TaskFileError
 from parallel_dispatch.loader import load_spec
+from support import cli_env
+from warmcli import run_cli
 
 SECRET = "topsecret: value-of-the-secret\nroot: hash-of-root\n"
 VALID = """\
@@ -37,8 +38,7 @@ def layout(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def validate(project: Path, rel: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "parallel_dispatch", "validate", rel],
-                          cwd=project, capture_output=True, text=True, timeout=60, check=False)
+    return run_cli(["validate", rel], project, cli_env(), timeout=60)
 
 
 def test_a_link_out_of_the_project_is_refused_unread(layout: tuple[Path, Path]) -> None:

@@ -11,11 +11,14 @@ An exception that escapes `__main__` is printed as the interpreter would print i
 
 Protocol: one JSON object per line on stdin
 (`{"argv", "cwd", "env", "stdout", "stderr", "timeout"}`), one JSON line back
-(`{"rc", "timed_out"}`). The server is single-threaded, so forking it is safe.
+(`{"rc", "status", "timed_out", "seconds"}`: `rc` as a shell shows it, 128+signal,
+`status` as subprocess does, -signal). The server is single-threaded, so forking it
+is safe. The corpus uses it directly; the other tests through `tests/warmcli.py`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import json
@@ -23,6 +26,7 @@ import os
 import select
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -40,8 +44,11 @@ def _child(req: dict[str, Any]) -> None:
     try:
         os.setpgid(0, 0)
         os.chdir(req["cwd"])
+        sys.path[0] = os.getcwd()  # as `python -m` has it
         os.environ.clear()
         os.environ.update(req["env"])
+        tempfile.tempdir = None  # gettempdir() caches: read this run's TMPDIR afresh
+        time.tzset()  # localtime() caches TZ too: read this run's (codex's local reset time)
         for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
                                 (1, req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                                 (2, req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
@@ -61,6 +68,8 @@ def _child(req: dict[str, Any]) -> None:
         except BaseException:
             traceback.print_exc()
             code = 1
+        with contextlib.suppress(Exception):
+            atexit._run_exitfuncs()  # what the interpreter does at exit (os._exit skips it)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -69,7 +78,8 @@ def _child(req: dict[str, Any]) -> None:
 
 
 def _wait(pid: int, timeout: float) -> tuple[int, bool]:
-    """Exit code of `pid` (128+signal when killed); kill its group after `timeout`."""
+    """Exit status of `pid` as subprocess gives it (-signal when killed); kill its
+    group after `timeout`."""
     fd = os.pidfd_open(pid)
     try:
         ready, _, _ = select.select([fd], [], [], timeout)
@@ -80,8 +90,7 @@ def _wait(pid: int, timeout: float) -> tuple[int, bool]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    return (128 - code if code < 0 else code), timed_out
+    return os.waitstatus_to_exitcode(status), timed_out
 
 
 def serve() -> None:
@@ -96,8 +105,9 @@ def serve() -> None:
         pid = os.fork()
         if pid == 0:
             _child(req)
-        rc, timed_out = _wait(pid, float(req["timeout"]))
-        print(json.dumps({"rc": rc, "timed_out": timed_out,
+        status, timed_out = _wait(pid, float(req["timeout"]))
+        rc = 128 - status if status < 0 else status  # as a shell shows it
+        print(json.dumps({"rc": rc, "status": status, "timed_out": timed_out,
                           "seconds": round(time.monotonic() - started, 3)}),
               file=out, flush=True)
 
