@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from support import Project, cli_env, pid_alive, wait_until
+from warmcli import run_cli
 
 WAIT = 60.0
 
@@ -139,7 +140,7 @@ def test_rapid_saves_give_one_run_of_the_final_version(
     for i in range(10):
         target.write_text(f"tasks:\n  - {{id: t, agent: w, prompt: 'version{i}', output: t.md}}\n")
     r = wait_report(project, "burst")
-    time.sleep(1.0)  # room for a second (wrong) run to show up
+    d.wait_log("[burst] settled")  # nothing left to run: a second (wrong) run would be due
     assert starts(project) == ["t"]
     assert "version9" in (project.root / ".aiwg/working/burst/t.md").read_text()
     assert report(project, "burst")["run_id"] == r["run_id"]  # type: ignore[index]
@@ -440,14 +441,12 @@ def test_status_command(project: Project, daemons: list[Daemon]) -> None:
     d = Daemon(project)
     daemons.append(d)
     wait_report(project, "s")
-    out = subprocess.run([sys.executable, "-m", "parallel_dispatch", "status", str(project.root)],
-                         capture_output=True, text=True, env=cli_env())
+    out = run_cli(["status", str(project.root)], project.root, cli_env())
     assert out.returncode == 0
     assert "daemon: running" in out.stdout
     assert "last run: succeeded" in out.stdout and "1 succeeded" in out.stdout
     d.stop()
-    out = subprocess.run([sys.executable, "-m", "parallel_dispatch", "status", str(project.root)],
-                         capture_output=True, text=True, env=cli_env())
+    out = run_cli(["status", str(project.root)], project.root, cli_env())
     assert "daemon: not running" in out.stdout
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from support import Project, cli_env, wait_until
 from test_daemon import WAIT, Daemon, daemons, one_task, report, wait_report
+from warmcli import run_cli
 
 __all__ = ["daemons"]  # the fixture, re-exported for pytest
 
@@ -55,6 +56,9 @@ def mode_000_is_unreadable(tmp: Path) -> bool:
 
 def cli(project: Project, *args: str, env: dict[str, str] | None = None,
         preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in the project, forked warm (warmcli.py); cold when `preexec` must run."""
+    if preexec is None:
+        return run_cli(args, project.root, env or cli_env())
     return subprocess.run([sys.executable, "-m", "parallel_dispatch", *args], cwd=project.root,
                           text=True, capture_output=True, timeout=120, env=env or cli_env(),
                           preexec_fn=preexec)
@@ -102,8 +106,15 @@ def test_unwritable_output_dir_is_reported_and_the_daemon_serves_on(
         assert output_dir.rstrip("/") in messages(r)
         assert "could not run" in d.text()
         assert_serving(project, d, f"good-{attempt.replace(' ', '-')}")
-        shown = cli(project, "status", str(project.root)).stdout
-        assert "could not run: cannot create the output dir" in shown, shown
+        # The daemon's status file follows its state within 0.2 s, not at once.
+        shown = ""
+
+        def status_shows_it() -> bool:
+            nonlocal shown
+            shown = cli(project, "status", str(project.root)).stdout
+            return "could not run: cannot create the output dir" in shown
+
+        assert wait_until(status_shows_it, WAIT), shown
         (project.root / ".aiwg/working/ro/dispatch-report.json").unlink()
         assert_clean_exit(d)
 
@@ -404,10 +415,13 @@ daemon.load_spec = load_spec
         done = project.root / "slow-done"
         assert not done.exists()  # quick ran while slow's load was held
         t1 = time.monotonic()
-        time.sleep(2.5)
+
+        def held() -> list[float]:
+            return [t for t in pings if t >= t1]
+
+        # a ping every 0.5 s while the load is held (it is held up to 20 s)
+        assert wait_until(lambda: len(held()) >= 3, WAIT), (pings, t0, t1)
         assert not done.exists()
-        held = [t for t in pings if t >= t1]
-        assert len(held) >= 3, (pings, t0, t1)  # a ping every 0.5 s, while the load is held
         gate.touch()
         assert wait_report(project, "slow")["status"] == "succeeded"
     finally:
@@ -487,7 +501,12 @@ def test_in_place_rewrites_never_publish_a_half_written_file(project: Project,
                 fh.write(text[cut:])
             time.sleep(0.005)
         last = wait_report(project, "edit", after=str(first["run_id"]))
-        time.sleep(2.0)  # longer than the settle time: a late "invalid" would show
+        # Settled after that run: no version left to judge, so a late "invalid" would
+        # have been published by now.
+        run_line = f"[edit] run {last['run_id']} "
+        d.wait_log(run_line)
+        assert wait_until(lambda: "[edit] settled" in d.text().split(run_line, 1)[1],
+                          WAIT), d.text()
     finally:
         stop.set()
         watcher.join()

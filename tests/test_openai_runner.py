@@ -63,12 +63,12 @@ def tasks(ap: AgentProject, *rows: str) -> None:
 
 
 def run_one(ap: AgentProject, server: OpenAIChatStub, *steps: str, row: str = "",
-            extra: str = "") -> dict[str, object]:
+            extra: str = "", args: tuple[str, ...] = ()) -> dict[str, object]:
     """Run task `a` on a model that takes `steps`; return its report entry."""
     server.behave(*steps, model="m")
     configure(ap, server, "m", extra)
     tasks(ap, "{id: a, agent: assistant, prompt: hi, output: a.md" + row + "}")
-    ap.run("t.yaml")
+    ap.run("t.yaml", *args)
     return ap.task("a")
 
 
@@ -140,10 +140,11 @@ def test_api_key_comes_from_the_named_variable(ap: AgentProject, server: OpenAIC
 # --- provider errors ---------------------------------------------------------------------
 
 
-def test_429_is_retried_after_the_servers_reset_time(ap: AgentProject,
-                                                     server: OpenAIChatStub) -> None:
-    task = run_one(ap, server, "429", "ok", row=", retries: 1")
+def test_429_waits_for_the_servers_reset_time_without_using_a_retry(
+        ap: AgentProject, server: OpenAIChatStub) -> None:
+    task = run_one(ap, server, "429", "ok", row=", retries: 0")
     assert task["status"] == "succeeded" and task["attempts"] == 2
+    assert task["quota_waits"] == 1
     first, second = server.model_calls()
     assert second.t - first.t >= RATE_LIMIT_RESET_S * 0.9  # retry-after beat retry_backoff 0
     assert ap.output("a.md") == TEXT + "\n"
@@ -151,10 +152,21 @@ def test_429_is_retried_after_the_servers_reset_time(ap: AgentProject,
 
 def test_persistent_429_is_a_rate_limit_with_the_reset_time(
         ap: AgentProject, server: OpenAIChatStub) -> None:
-    task = run_one(ap, server, "429")
+    """With the governor off (`--fixed-parallel`) a 429 is an ordinary failure."""
+    task = run_one(ap, server, "429", args=("--fixed-parallel",))
     assert task["status"] == "provider_error" and task["cause"] == "rate_limit"
     assert task["error"].startswith("openai runner: rate limited (HTTP 429: Rate limit reached")
     assert task["error"].endswith(f"; retry after {RATE_LIMIT_RESET_S}s")
+
+
+def test_a_reset_beyond_max_quota_wait_ends_the_task_at_once(
+        ap: AgentProject, server: OpenAIChatStub) -> None:
+    task = run_one(ap, server, "429", args=("--max-quota-wait", "1s"))
+    assert task["status"] == "provider_error" and task["cause"] == "rate_limit"
+    assert task["attempts"] == 1 and len(server.model_calls()) == 1
+    assert f"; retry after {RATE_LIMIT_RESET_S}s; the openai pool would reopen in " \
+        in task["error"]
+    assert "beyond --max-quota-wait 1.0s" in task["error"]
 
 
 @pytest.mark.parametrize(("step", "retries", "attempts", "cause", "needle"), [
@@ -173,7 +185,9 @@ def test_provider_errors_name_their_cause(ap: AgentProject, server: OpenAIChatSt
     configure(ap, server, "m")
     tasks(ap, f"{{id: a, agent: assistant, prompt: hi, output: a.md, retries: {retries}}}",
           "{id: b, agent: shell, prompt: 'echo fine', output: b.md}")
-    assert ap.run("t.yaml").returncode == 1
+    # The cause and its wording, as a fixed pool retries them (the governor's waits for
+    # 529/503: test_quota_http.py).
+    assert ap.run("t.yaml", "--fixed-parallel").returncode == 1
     task = ap.task("a")
     assert task["status"] == "provider_error" and task["cause"] == cause
     assert task["attempts"] == attempts

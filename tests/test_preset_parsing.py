@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import tomllib
 from datetime import datetime
 from pathlib import Path
@@ -202,6 +203,46 @@ def test_claude_rate_limited_result_keeps_claudes_last_wait(tmp_path: Path) -> N
     assert parsed.cause == "rate_limit" and parsed.retry_after == 40.0
 
 
+USAGE_LIMIT_EVENT = {
+    "type": "rate_limit_event", "rate_limit_info": {
+        "status": "rejected", "resetsAt": 1778565600, "rateLimitType": "five_hour",
+        "overageStatus": "rejected", "overageDisabledReason": "org_level_disabled",
+        "isUsingOverage": False},
+    "uuid": "2c5c5ff4-5b0c-4a4e-9d43-1c3a7f6e0c11", "session_id": "s1"}
+"""A claude.ai plan limit as Claude Code 2.1.x prints it (paperclipai/paperclip PR 5776;
+docs/design/quota-governor.md §3.1); `resetsAt` is epoch seconds."""
+
+
+@pytest.mark.parametrize("result", [
+    {"api_error_status": 429, "result": "You've hit your limit · resets 2pm (Asia/Shanghai)"},
+    {"api_error_status": None, "api_error": "usage_limit_reached",
+     "result": "Claude AI usage limit reached"},
+])
+def test_claude_usage_limit_waits_for_the_rejected_events_reset(
+        tmp_path: Path, result: dict[str, Any]) -> None:
+    """claude does not retry a plan limit and its result does not say when it resets: the
+    rejected rate_limit_event before it does, so the task waits for it (quota, not a
+    per-minute rate limit)."""
+    resets = int(time.time()) + 3600
+    event = {**USAGE_LIMIT_EVENT,
+             "rate_limit_info": {**USAGE_LIMIT_EVENT["rate_limit_info"], "resetsAt": resets}}
+    out = "\n".join(stream(INIT_API_KEY, event, {
+        "type": "result", "subtype": "success", "is_error": True, **result})).encode()
+    parsed = ClaudeRunner().parse(call(tmp_path), 1, out, "")
+    assert parsed.cause == "quota" and not parsed.retryable
+    assert parsed.retry_after == pytest.approx(3600, abs=5)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resets))
+    assert parsed.error is not None and parsed.error.startswith("usage quota exhausted: ")
+    assert parsed.error.endswith(f"(five_hour limit, resets at {stamp})")
+    # A later "allowed" event means the refusal is over: back to claude's own wait.
+    allowed = {"type": "rate_limit_event", "rate_limit_info": {"status": "allowed"}}
+    out = "\n".join(stream(event, allowed, {
+        "type": "result", "subtype": "success", "is_error": True, "api_error_status": 429,
+        "result": "API Error: Request rejected (429)"})).encode()
+    parsed = ClaudeRunner().parse(call(tmp_path), 1, out, "")
+    assert parsed.cause == "rate_limit" and parsed.retry_after is None
+
+
 # --- codex, gemini, opencode, llm ----------------------------------------------------------
 
 
@@ -264,12 +305,15 @@ def test_codex_names_the_cause_of_its_errors(message: str, cause: str | None) ->
 
 
 def test_codex_usage_limit_reset_time_becomes_seconds() -> None:
+    """Up to the end of the printed minute: codex drops the seconds of `resets_at`."""
     now = datetime(2026, 11, 29, 12, 0, 30)
-    assert reset_after("... or try again at 12:46 PM.", now) == 46 * 60 - 30
-    assert reset_after("Try again at 1:05 AM.", now) == pytest.approx(13 * 3600 + 5 * 60 - 30)
+    assert reset_after("... or try again at 12:46 PM.", now) == 47 * 60 - 30
+    assert reset_after("Try again at 1:05 AM.", now) == pytest.approx(13 * 3600 + 6 * 60 - 30)
     assert reset_after("try again at Dec 2nd, 2026 3:05 PM.", now) == \
-        (datetime(2026, 12, 2, 15, 5) - now).total_seconds()
+        (datetime(2026, 12, 2, 15, 6) - now).total_seconds()
     assert reset_after("or try again later.", now) is None
+    # The minute it was printed in (the reset is this minute's :59 at the latest).
+    assert reset_after("try again at 12:00 PM.", now) == 30
 
 
 def watch(line: str | dict[str, Any], stream: str = "stdout") -> Any:
@@ -407,6 +451,16 @@ def test_gemini_error_before_the_result_event_is_read_from_stderr(tmp_path: Path
           "wait and try again later.", "rate_limit", "rate limited: You exceeded", 37.0),
     (173, "[API Error: You have exhausted your daily quota on this model.]", "quota",
      "usage quota exhausted: You have exhausted your daily quota", None),
+    # A terminal quota error past gemini's 300 s retry cap: the pool waits the 3600 s.
+    (173, "[API Error: You exceeded your current quota, please check your plan and billing "
+          "details. For more information on this error, head to: https://ai.google.dev/"
+          "gemini-api/docs/rate-limits.\nSuggested retry after 3600s.]", "rate_limit",
+     "rate limited: You exceeded your current quota", 3600.0),
+    # `limit: 0`: no quota for this model at all; its window's wait is not a reset.
+    (173, "[API Error: You exceeded your current quota, please check your plan and billing "
+          "details. * Quota exceeded for metric: generativelanguage.googleapis.com/"
+          "generate_content_free_tier_requests, limit: 0, model: gemini-2.5-pro\nPlease "
+          "retry in 52.3s.]", "quota", "usage quota exhausted: You exceeded", None),
     (247, "", "overloaded",
      "provider overloaded: gemini exited with HTTP status 503 (exit code 247)", None),
     (244, "[API Error: {\"error\":{\"code\":500,\"message\":\"boom\",\"status\":"
@@ -624,6 +678,23 @@ def test_opencode_watch_turns_logs_and_events_into_live_progress(tmp_path: Path)
     assert runner.watch(c, oc_log("stream", level="INFO"), "stderr") is None
 
 
+def test_opencode_live_rate_limit_carries_the_wait_its_message_states(tmp_path: Path) -> None:
+    """opencode's `stream error` line has no headers, but OpenAI's 429 body says how long
+    to wait: the pool is told at once, instead of guessing a backoff per failed call."""
+    line = ('timestamp=2026-11-29T17:15:23.250Z level=ERROR run=c4e9ed1e message="stream '
+            'error" providerID=stub modelID=stub-model session.id=ses_dd7b22c04ffemQQBxEai6gttMQ'
+            ' small=false agent=pd-reviewer mode=primary error.error="AI_APICallError: Rate '
+            'limit reached for stub-model in organization org-stub on requests per min (RPM): '
+            'Limit 3, Used 3, Requested 1. Please try again in 1s. Visit https://platform.'
+            'openai.com/account/rate-limits to learn more."')
+    ev = OpencodeRunner().watch(call(tmp_path), line, "stderr")
+    assert ev is not None and (ev.kind, ev.cause, ev.retry_after) == ("retry", "rate_limit", 1.0)
+    other = oc_log("stream error", agent="build",
+                   **{"error.error": "AI_APICallError: Rate limit reached"})
+    ev = OpencodeRunner().watch(call(tmp_path), other, "stderr")
+    assert ev is not None and ev.cause == "rate_limit" and ev.retry_after is None
+
+
 def test_opencode_tool_lists_become_permissions() -> None:
     assert tool_permissions(("Read", "Grep", "Glob")) == {
         "*": "deny", "read": "allow", "grep": "allow", "glob": "allow"}
@@ -681,5 +752,12 @@ def test_llm_usage_line_unknown_model_and_live_events(tmp_path: Path) -> None:
                             "request in 2.000000 seconds (retry 1 of 2)", "stderr")
     assert retry is not None and retry.kind == "retry" and retry.text == "API retry 1/2 in 2.0 s"
     error = runner.watch(c, "Error: Error code: 529 - Overloaded", "stderr")
-    assert error is not None and error.cause == "overloaded"
+    assert error is not None and error.cause == "overloaded" and error.retry_after is None
+    # The final 429 seen live tells the pool its stated wait before the process exits.
+    limited = runner.watch(c, "Error: Error code: 429 - Rate limit reached for stub-model in "
+                              "organization org-stub on requests per min (RPM): Limit 3, Used "
+                              "3, Requested 1. Please try again in 1m2.64s. Visit https://"
+                              "platform.openai.com/account/rate-limits to learn more.", "stderr")
+    assert limited is not None and limited.cause == "rate_limit"
+    assert limited.retry_after == pytest.approx(62.64)
     assert runner.watch(c, "answer", "stdout") is None

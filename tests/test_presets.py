@@ -134,7 +134,8 @@ def test_costs_and_tokens_add_up_in_both_reports(ap: AgentProject) -> None:
     md = ap.report_md()
     assert "## Cost and tokens" in md
     assert "| a | $0.2500 | 100 | 10 | 2 |" in md
-    assert "| c | – | 1,000 | 5 | 1 |" in md
+    assert "| c | tokens only | 1,000 | 5 | 1 |" in md  # codex: no cost, and no price set
+    assert tasks["c"]["cost_source"] == "tokens only" and s["tokens_only_tasks"] == ["c"]
     assert "| **Total** | **$0.7500** | **1,300** | **35** | **6** |" in md
     assert "| d |" not in md.split("## Cost and tokens")[1].split("##")[0]
 
@@ -159,13 +160,15 @@ def test_budget_stops_new_tasks_and_running_ones_finish(ap: AgentProject) -> Non
              dependencies: [c]}
         settings:
           max_parallel: 1
+          estimate_cost_usd: 0.3
     """)
     proc = ap.run("t.yaml", "--max-cost", "0.9")
     assert proc.returncode == 1
     data = ap.report()
     status = {t["id"]: t["status"] for t in data["tasks"]}
     ran = sorted(t for t, st in status.items() if st == "succeeded")
-    assert len(ran) == 2 and "d" not in ran  # one at a time: 0.5, then 1.0 ≥ 0.9
+    # One at a time, each expected to cost 0.3: 0 + 0.3 fits, 0.5 + 0.3 fits, then 1.0 ≥ 0.9.
+    assert len(ran) == 2 and "d" not in ran
     for t in {"a", "b", "c", "d"} - set(ran):
         assert status[t] == "skipped" and "budget reached" in ap.task(t)["reason"]
     assert data["settings"]["max_cost_usd"] == 0.9
@@ -187,6 +190,7 @@ def test_budget_from_task_file_settings_and_parallel_tasks_finish(ap: AgentProje
         settings:
           max_parallel: 2
           max_cost_usd: 0.5
+          estimate_cost_usd: 0.25
     """)
     ap.run("t.yaml")
     status = {t["id"]: t["status"] for t in ap.report()["tasks"]}

@@ -28,6 +28,7 @@ import trio.testing
 from parallel_dispatch.api import new_result
 from parallel_dispatch.events import AgentEvent
 from parallel_dispatch.loader import load_spec
+from parallel_dispatch.quota import Governor
 from parallel_dispatch.report import to_json, to_markdown
 from parallel_dispatch.result import RunResult, TaskRecord
 from parallel_dispatch.runners.base import Job, Outcome
@@ -93,6 +94,8 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
         self.notes: list[str] = []
+        self.waits: list[tuple[str, str, float]] = []
+        """(task, pool, seconds the pool is paused) of every wait for quota."""
 
     def run_started(self, result: RunResult) -> None: ...
     def task_started(self, rec: TaskRecord) -> None: ...
@@ -102,6 +105,9 @@ class Recorder:
 
     def task_event(self, rec: TaskRecord, event: AgentEvent) -> None:
         self.events.append((rec.id, event.text))
+
+    def task_waiting(self, rec: TaskRecord, pool: str, wait_s: float) -> None:
+        self.waits.append((rec.id, pool, wait_s))
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -125,6 +131,9 @@ def _run(spec: object, runner: ScriptedRunner, progress: Recorder | None = None,
     """Run `spec` on the mock clock (it starts at 0); `interrupt_at`: call `interrupt()`
     then, as Ctrl-C would."""
     result = new_result(spec)  # type: ignore[arg-type]
+    # Starts are not staggered here: these tests pin the scheduler's rules to exact times
+    # (tests/test_quota.py covers the stagger).
+    kw.setdefault("governor", Governor(stagger_s=0.0))
     sched = Scheduler(spec, runner, result, progress=progress, **kw)  # type: ignore[arg-type]
 
     async def main() -> RunResult:
@@ -438,13 +447,15 @@ def test_timeouts_are_retried_and_each_attempt_is_cancelled(tmp_path: Path) -> N
 
 
 def test_retry_after_from_the_provider_outlasts_a_short_backoff(tmp_path: Path) -> None:
-    """A 429 saying "retry after 30 s" is waited out even though the backoff is 0.05 s;
-    a longer backoff wins over a short Retry-After."""
+    """With the governor off (`adaptive_parallel: false`, as `--fixed-parallel`), a 429 is
+    an ordinary retryable failure: "retry after 30 s" is waited out even though the
+    backoff is 0.05 s; a longer backoff wins over a short Retry-After.  (With the governor
+    on, tests/test_quota.py.)"""
     spec = _spec(tmp_path, """
         tasks:
           - {id: limited, agent: c, prompt: p, output: a.md, retries: 1}
           - {id: patient, agent: c, prompt: p, output: b.md, retries: 1, dependencies: [limited]}
-    """, "settings: {retry_backoff: 0.05}\n")
+    """, "settings: {retry_backoff: 0.05, adaptive_parallel: false}\n")
     limited = Script(outcome=Outcome(ok=False, error="rate limited", cause="rate_limit",
                                      retry_after=30.0))
     runner = ScriptedRunner({"limited": [limited, Script()]})
@@ -464,7 +475,7 @@ def test_retry_after_from_the_provider_outlasts_a_short_backoff(tmp_path: Path) 
     spec = _spec(tmp_path, """
         tasks:
           - {id: limited, agent: c, prompt: p, output: a.md, retries: 1}
-    """, "settings: {retry_backoff: 100}\n")
+    """, "settings: {retry_backoff: 100, adaptive_parallel: false}\n")
     short = Script(outcome=Outcome(ok=False, error="rate limited", cause="rate_limit",
                                    retry_after=1.0))
     runner = ScriptedRunner({"limited": [short, Script()]})
@@ -480,14 +491,14 @@ def test_budget_lets_running_tasks_finish_and_starts_nothing_more(tmp_path: Path
           - {id: b, agent: c, prompt: p, output: b.md}
           - {id: c, agent: c, prompt: p, output: c.md}
           - {id: d, agent: c, prompt: p, output: d.md}
-    """, "settings: {max_parallel: 2, max_cost_usd: 1.0}\n")
+    """, "settings: {max_parallel: 2, max_cost_usd: 1.0, estimate_cost_usd: 0.1}\n")
 
     def costs(usd: float, after: float) -> list[Script]:
         return [Script([Step(after)], Outcome(ok=True, exit_code=0,
                                               metrics={"cost_usd": usd}))]
 
-    # a (0.7) ends at 1 s, so c starts (0.7 < 1.0); b (0.5) ends at 2 s: 1.2 spent, d waits
-    # forever; c, already running, finishes.
+    # a (0.7) ends at 1 s, so c starts (0.7 + 0.1 reserved for b + 0.1 expected ≤ 1.0); b
+    # (0.5) ends at 2 s: 1.2 spent, d waits forever; c, already running, finishes.
     runner = ScriptedRunner({"a": costs(0.7, 1.0), "b": costs(0.5, 2.0), "c": costs(0.1, 5.0)})
     result = _run(spec, runner)
     assert [_rec(result, t).status for t in "abc"] == ["succeeded"] * 3

@@ -45,6 +45,10 @@ class AgentSpec:
     read_timeout: float | None = None
     notes: tuple[str, ...] = ()
     """Things the user should know about this resolution (e.g. an ignored model)."""
+    max_parallel: int | None = None
+    """`[agents.X] max_parallel`: a fixed pool of this agent's tasks."""
+    runner_max_parallel: int | None = None
+    """`[runners.R] max_parallel`: the limit the runner's adaptive pool starts from."""
 
     @property
     def system_prompt(self) -> str:
@@ -79,6 +83,7 @@ def _from_config(name: str, cfg: AgentConfig, source: str) -> AgentSpec:
         env=dict(cfg.env),
         inputs=cfg.inputs or "inline",
         source=source,
+        max_parallel=cfg.max_parallel,
     )
 
 

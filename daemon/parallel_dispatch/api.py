@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from .atomic import write_text
+from .budget import history, per_attempt
 from .errors import DispatchError
 from .fmt import now_iso, plural
 from .incremental import Reuse
@@ -30,7 +31,8 @@ from .loader import load_spec
 from .outputs import clean_staging, clean_stale_staging
 from .probe import pid_alive
 from .process import sweep_run
-from .progress import NullProgress, Progress
+from .progress import LiveProgress, NullProgress, Progress
+from .quota import Governor
 from .report import REPORT_JSON, REPORT_MD, to_json, to_markdown, write_reports
 from .result import COUNTED, PROBLEMS, RunResult, RunStatus, TaskRecord, TaskStatus
 from .runners import DryRunRunner, Runner, RunnerSet
@@ -48,11 +50,15 @@ def overrides_from(
     *, max_parallel: int | None = None, timeout_ms: int | None = None,
     output_dir: str | None = None, on_failure: str | None = None,
     max_cost_usd: float | None = None, idle_timeout_ms: int | None = None,
+    max_tokens: int | None = None, warn_cost_usd: float | None = None,
+    max_quota_wait_ms: int | None = None, fixed_parallel: bool = False,
 ) -> dict[str, Any]:
     """CLI-flag layer of the settings precedence (None = not given)."""
     return {"max_parallel": max_parallel, "timeout_per_task": timeout_ms,
             "output_dir": output_dir, "on_failure": on_failure, "max_cost_usd": max_cost_usd,
-            "idle_timeout": idle_timeout_ms}
+            "idle_timeout": idle_timeout_ms, "max_tokens": max_tokens,
+            "warn_cost_usd": warn_cost_usd, "max_quota_wait": max_quota_wait_ms,
+            "adaptive_parallel": False if fixed_parallel else None}
 
 
 def new_result(spec: DispatchSpec, run_id: str | None = None, dry_run: bool = False) -> RunResult:
@@ -77,12 +83,14 @@ async def run_spec(
     reuse: bool = False,
     limiter: trio.CapacityLimiter | None = None,
     scheduler_hook: Callable[[Scheduler], None] | None = None,
+    governor: Governor | None = None,
 ) -> RunResult:
     """Run a validated spec to completion and write its reports (unless dry run).
 
     With `reuse`, tasks unchanged since their last successful run are `cached`
     instead of run (`--resume`, the daemon).  `limiter` is a slot pool shared
-    with other runs.  With `handle_signals`, SIGINT/SIGTERM interrupt the run:
+    with other runs, `governor` their runner and agent pools (quota.py).  With
+    `handle_signals`, SIGINT/SIGTERM interrupt the run:
     agents' process groups are killed, a partial report is written, and the
     result says `interrupted` (exit code 130).  `scheduler_hook` receives the
     scheduler before it starts, so a caller can `interrupt()` it later.
@@ -100,9 +108,12 @@ async def run_spec(
     cache = None if dry_run else Reuse(spec, state, enabled=reuse)
     scheduler = Scheduler(
         spec, active, result, progress=progress, durations=state.durations(), reuse=cache,
-        limiter=limiter, on_task_done=None if dry_run else _recorder(result, state))
+        limiter=limiter, usage=history(state.tasks), governor=governor,
+        on_task_done=None if dry_run else _recorder(result, state))
     if scheduler_hook is not None:
         scheduler_hook(scheduler)
+    if isinstance(progress, LiveProgress):
+        progress.watch_pools(scheduler.governor, trio.current_time)
     if not dry_run:
         _open_output_dir(spec, state, result)
     progress.run_started(result)
@@ -143,11 +154,14 @@ def _recorder(result: RunResult, state: State) -> Callable[[TaskRecord], None]:
     """Record each finished task in the state as it finishes (journaled: crash safety)."""
 
     def record(rec: TaskRecord) -> None:
+        used = per_attempt(rec.metrics, rec.attempts)
         if rec.status == TaskStatus.SUCCEEDED:
             state.record(rec.id, duration_s=round(rec.busy_s, 3), status=rec.status,
-                         finished_run=result.run_id)
+                         finished_run=result.run_id, cost_usd=used.cost_usd,
+                         tokens=used.tokens)
         elif rec.status in PROBLEMS:
-            state.record(rec.id, status=rec.status, finished_run=result.run_id)
+            state.record(rec.id, status=rec.status, finished_run=result.run_id,
+                         cost_usd=used.cost_usd, tokens=used.tokens)
         # cached, skipped, cancelled: the last real result still stands
 
     return record

@@ -21,14 +21,16 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     StrictStr,
     ValidationError,
     model_validator,
 )
 
 from .errors import ConfigError, Diagnostic
-from .model import InputsMode, OnFailure, Settings
+from .model import MAX_PARALLEL, InputsMode, OnFailure, Settings
 from .presets import RunnerName
+from .pricing import Price
 from .probe import exists
 
 CONFIG_NAME = "dispatch.toml"
@@ -40,6 +42,8 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "on_failure": "continue",
     "max_retries": 3,
     "retry_backoff": 1.0,
+    "max_quota_wait": 3_600_000,
+    "adaptive_parallel": True,
 }
 
 
@@ -60,6 +64,8 @@ class RunnerConfig(BaseModel):
     base_url: Annotated[StrictStr, Field(min_length=1)] | None = None
     api_key_env: Annotated[StrictStr, Field(min_length=1)] | None = None
     read_timeout: Annotated[float, Field(gt=0)] | None = None
+    max_parallel: Annotated[StrictInt, Field(ge=1, le=MAX_PARALLEL)] | None = None
+    """`[runners.R]`: the runner's pool (adaptive); `[agents.X]`: a fixed cap per agent."""
 
 
 class AgentConfig(RunnerConfig):
@@ -122,6 +128,7 @@ class ConfigFile(BaseModel):
     agents: dict[Annotated[str, AfterValidator(_printable_name)], AgentConfig] = Field(
         default_factory=dict)
     runners: dict[RunnerName, RunnerConfig] = Field(default_factory=dict)
+    pricing: dict[Annotated[str, Field(min_length=1)], Price] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,8 @@ class ProjectConfig:
     defaults: Settings = field(default_factory=Settings)
     agents: dict[str, AgentConfig] = field(default_factory=dict)
     runners: Mapping[str, RunnerConfig] = field(default_factory=dict)
+    pricing: Mapping[str, Price] = field(default_factory=dict)
+    """`[pricing."model"]`: prices for runners that report tokens but no cost."""
 
     @property
     def default_runner(self) -> RunnerName | None:
@@ -152,8 +161,28 @@ class ResolvedSettings:
     """Budget: no task starts once the run's reported cost reaches it."""
     idle_timeout: int | None = None
     """Milliseconds of agent silence before it is killed as stalled (None: off)."""
+    max_quota_wait: int = 3_600_000
+    """Milliseconds a task may wait in all for rate or usage limits to reset."""
+    adaptive_parallel: bool = True
+    """Runner pools adapt to rate limits (False: `--fixed-parallel`)."""
+    max_tokens: int | None = None
+    """Token budget of the run (input + output), reserved before each start like the cost."""
+    warn_cost_usd: float | None = None
+    estimate_cost_usd: float | None = None
+    """What an attempt with no recorded cost reserves (budget.py)."""
+    estimate_tokens: int | None = None
 
     def to_json(self) -> dict[str, Any]:
+        # The budget keys added with issue 10 appear only when set: reports of runs
+        # without them read byte for byte as before (tests/golden).
+        extra = {k: v for k, v in (("max_tokens", self.max_tokens),
+                                   ("warn_cost_usd", self.warn_cost_usd),
+                                   ("estimate_cost_usd", self.estimate_cost_usd),
+                                   ("estimate_tokens", self.estimate_tokens)) if v is not None}
+        if self.max_quota_wait != BUILTIN_DEFAULTS["max_quota_wait"]:
+            extra["max_quota_wait"] = self.max_quota_wait
+        if not self.adaptive_parallel:
+            extra["adaptive_parallel"] = False
         return {
             "max_parallel": self.max_parallel,
             "timeout_per_task": self.timeout_per_task,
@@ -163,6 +192,7 @@ class ResolvedSettings:
             "retry_backoff": self.retry_backoff,
             "max_cost_usd": self.max_cost_usd,
             "idle_timeout": self.idle_timeout,
+            **extra,
         }
 
 
@@ -245,7 +275,8 @@ def load_config(root: Path, path: Path | None = None) -> ProjectConfig:
             for err in exc.errors()
         ]) from None
     return ProjectConfig(root=root, path=cfg_path, defaults=parsed.defaults, agents=parsed.agents,
-                         runners={name: runner for name, runner in parsed.runners.items()})
+                         runners={name: runner for name, runner in parsed.runners.items()},
+                         pricing=parsed.pricing)
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -362,6 +393,14 @@ def resolve_settings(
                       if merged.get("max_cost_usd") is not None else None),
         idle_timeout=(int(merged["idle_timeout"])
                       if merged.get("idle_timeout") is not None else None),
+        max_quota_wait=int(merged["max_quota_wait"]),
+        adaptive_parallel=bool(merged["adaptive_parallel"]),
+        max_tokens=merged.get("max_tokens"),
+        warn_cost_usd=(float(merged["warn_cost_usd"])
+                       if merged.get("warn_cost_usd") is not None else None),
+        estimate_cost_usd=(float(merged["estimate_cost_usd"])
+                           if merged.get("estimate_cost_usd") is not None else None),
+        estimate_tokens=merged.get("estimate_tokens"),
     )
 
 
@@ -398,7 +437,7 @@ def _toml_line(text: str, loc: tuple[Any, ...]) -> int | None:
     keys = [str(k) for k in loc]
     if not keys:
         return None
-    if len(keys) == 1 or keys[0] not in ("agents", "defaults", "runners"):
+    if len(keys) == 1 or keys[0] not in ("agents", "defaults", "runners", "pricing"):
         return _top_level_line(lines, keys[0])
     section = keys[0] if keys[0] == "defaults" else f"{keys[0]}.{keys[1]}"
     start = None

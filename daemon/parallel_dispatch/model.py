@@ -10,7 +10,15 @@ import os
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
 
 OnFailure = Literal["continue", "stop", "retry"]
 InputsMode = Literal["none", "paths", "inline"]
@@ -21,6 +29,8 @@ InputsMode = Literal["none", "paths", "inline"]
 MAX_TIMEOUT_MS = 30 * 24 * 3600 * 1000
 """30 days: the longest `timeout`/`idle_timeout`; use it for 'practically none'."""
 MAX_PARALLEL = 10_000
+MAX_QUOTA_WAIT_MS = 7 * 24 * 3600 * 1000
+"""A week: the longest usage window a provider resets (codex's weekly allowance)."""
 MAX_RETRIES = 100
 MAX_BACKOFF_S = 3600.0
 """The base of the exponential backoff; `retry_backoff: .inf` would never retry."""
@@ -81,6 +91,23 @@ class Settings(_Strict):
     idle_timeout: PositiveMs | None = Field(
         None, description="Milliseconds an agent may print nothing before it is killed as "
         "'stalled' (default: off).")
+    max_quota_wait: Annotated[StrictInt, Field(ge=0, le=MAX_QUOTA_WAIT_MS)] | None = Field(
+        None, description="Milliseconds a task may wait in all for its provider's rate or "
+        "usage limit to reset before it ends as a provider error (default 3600000: 1 h).")
+    adaptive_parallel: StrictBool | None = Field(
+        None, description="Adapt each runner's pool to the provider's rate limits and wait "
+        "for quota resets (default true); false: fixed limits, a rate limit is an ordinary "
+        "retryable failure.")
+    max_tokens: Annotated[StrictInt, Field(gt=0)] | None = Field(
+        None, description="Token budget (input + output) for the run: a task whose expected "
+        "tokens would pass it is skipped.")
+    warn_cost_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        None, description="Print one warning when the run's cost passes this (USD).")
+    estimate_cost_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+        None, description="Cost (USD) reserved for an attempt with no recorded cost, so "
+        "parallel starts cannot overshoot max_cost_usd.")
+    estimate_tokens: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        None, description="Tokens reserved for an attempt with no recorded usage (max_tokens).")
 
 
 class Task(_Strict):
@@ -110,6 +137,12 @@ class Task(_Strict):
         default_factory=list, description="Globs (relative to the project root) of files this "
         "task reads; their contents join its fingerprint and the daemon re-runs it when they "
         "change.")
+    max_cost_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        None, description="This task's budget in USD over all its attempts (claude enforces "
+        "it itself; for others it stops retries).")
+    max_tokens: Annotated[StrictInt, Field(gt=0)] | None = Field(
+        None, description="This task's token budget (input + output) over all its attempts; "
+        "reaching it stops retries.")
 
     @property
     def is_directory(self) -> bool:

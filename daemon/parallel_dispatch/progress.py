@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Protocol, TextIO
 
 from .events import AgentEvent
-from .fmt import plural
+from .fmt import fmt_duration, plural
+from .quota import Governor, pool_lines
 from .result import MARKS, RunResult, TaskRecord, TaskStatus
 
 EVENT_LINE_EVERY_S = 5.0
@@ -24,6 +26,7 @@ class Progress(Protocol):
     def task_started(self, rec: TaskRecord) -> None: ...
     def task_event(self, rec: TaskRecord, event: AgentEvent) -> None: ...
     def task_retrying(self, rec: TaskRecord, delay: float) -> None: ...
+    def task_waiting(self, rec: TaskRecord, pool: str, wait_s: float) -> None: ...
     def task_finished(self, rec: TaskRecord) -> None: ...
     def note(self, text: str) -> None: ...
     def run_finished(self, result: RunResult) -> None: ...
@@ -34,6 +37,7 @@ class NullProgress:
     def task_started(self, rec: TaskRecord) -> None: ...
     def task_event(self, rec: TaskRecord, event: AgentEvent) -> None: ...
     def task_retrying(self, rec: TaskRecord, delay: float) -> None: ...
+    def task_waiting(self, rec: TaskRecord, pool: str, wait_s: float) -> None: ...
     def task_finished(self, rec: TaskRecord) -> None: ...
     def note(self, text: str) -> None: ...
     def run_finished(self, result: RunResult) -> None: ...
@@ -97,6 +101,12 @@ class PlainProgress:
     def task_retrying(self, rec: TaskRecord, delay: float) -> None:
         self._line(f"↻ {rec.id} {rec.status} ({rec.error}); retrying in {delay:.1f}s")
 
+    def task_waiting(self, rec: TaskRecord, pool: str, wait_s: float) -> None:
+        """A provider's limit: no retry is used; the pool's pause is the countdown."""
+        until = (f"the {pool} pool is paused for {fmt_duration(wait_s)}" if wait_s > 0
+                 else f"the {pool} pool slowed down")
+        self._line(f"{rec.status.mark} {rec.id} waiting for quota ({rec.error}); {until}")
+
     def task_finished(self, rec: TaskRecord) -> None:
         self.done += 1
         self._shown.pop(rec.id, None)
@@ -125,6 +135,10 @@ class LiveProgress(PlainProgress):
         super().__init__(stream)
         self.running: dict[str, float] = {}
         self.events: dict[str, str] = {}
+        self.waiting: dict[str, float] = {}
+        """Task → when its pool's pause ends (monotonic): the live line's countdown."""
+        self.pools: Callable[[], list[str]] | None = None
+        """The pools a provider limited, one phrase each (`watch_pools`)."""
         self._drawn = 0.0
 
     def _clear(self) -> None:
@@ -153,13 +167,24 @@ class LiveProgress(PlainProgress):
         if len(names) > 4:
             shown += f", +{len(names) - 4}"
         running = f"running {len(names)}: {shown}" if names else "nothing running"
+        if self.waiting:
+            left = max(0.0, min(self.waiting.values()) - now)
+            running += (f" · ⧗ {len(self.waiting)} waiting for quota"
+                        + (f", next in {fmt_duration(left)}" if left > 0 else ""))
+        if self.pools is not None:
+            running += "".join(f" · pool {text}" for text in self.pools())
         status = f"[{self.done}/{self.total}] {now - self.t0:.0f}s elapsed · {running}"[:width]
         self._clear()
         self.stream.write(status)
         self.stream.flush()
 
+    def watch_pools(self, governor: Governor, clock: Callable[[], float]) -> None:
+        """Show the pools a provider limited on the live line (limit, waiting, pause)."""
+        self.pools = lambda: pool_lines(governor.snapshot(clock()))
+
     def task_started(self, rec: TaskRecord) -> None:
         self.running[rec.id] = time.monotonic()
+        self.waiting.pop(rec.id, None)
         self.redraw()
 
     def task_event(self, rec: TaskRecord, event: AgentEvent) -> None:
@@ -172,12 +197,19 @@ class LiveProgress(PlainProgress):
     def task_finished(self, rec: TaskRecord) -> None:
         self.running.pop(rec.id, None)
         self.events.pop(rec.id, None)
+        self.waiting.pop(rec.id, None)
         super().task_finished(rec)
 
     def task_retrying(self, rec: TaskRecord, delay: float) -> None:
         self.running.pop(rec.id, None)
         self.events.pop(rec.id, None)
         super().task_retrying(rec, delay)
+
+    def task_waiting(self, rec: TaskRecord, pool: str, wait_s: float) -> None:
+        self.running.pop(rec.id, None)
+        self.events.pop(rec.id, None)
+        self.waiting[rec.id] = time.monotonic() + wait_s
+        super().task_waiting(rec, pool, wait_s)
 
     def run_finished(self, result: RunResult) -> None:
         self.running.clear()

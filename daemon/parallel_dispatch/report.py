@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import costs
+from . import costs, quota
 from .atomic import write_text
 from .events import CAUSES
 from .fmt import fmt_duration, now_iso, rel_path
@@ -117,8 +117,11 @@ def to_json(result: RunResult) -> dict[str, Any]:
             "log_tail": log_tail(r.log_path) if r.status in PROBLEMS else [],
         }
         entry.update({**costs.EMPTY, **r.metrics})
+        if r.quota_waits:  # only then: reports of runs never limited read as before
+            entry["quota_waits"] = r.quota_waits
+            entry["quota_wait_s"] = round(r.quota_wait_s, 3)
         tasks.append(entry)
-    return {
+    data: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "name": spec.name,
         "description": spec.description,
@@ -150,6 +153,10 @@ def to_json(result: RunResult) -> dict[str, Any]:
         "waves": waves(result),
         "tasks": tasks,
     }
+    if result.pools:
+        data["summary"]["waited_for_quota"] = sum(1 for t in tasks if t.get("quota_waits"))
+        data["pools"] = result.pools
+    return data
 
 
 def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
@@ -196,9 +203,12 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
         "|------|-------|----------|--------|----------|--------|",
     ]
     for t in data["tasks"]:
+        waited = (f" (waited {t['quota_waits']}× for quota, {fmt_duration(t['quota_wait_s'])})"
+                  if t.get("quota_waits") else "")
         lines.append(f"| {t['id']} | {t['agent']} | {fmt_duration(t['duration_s'])} | "
-                     f"{_status_cell(t['status'])} | {t['attempts']} | {t['output']} |")
+                     f"{_status_cell(t['status'])}{waited} | {t['attempts']} | {t['output']} |")
     lines += costs.markdown(data)
+    lines += quota.markdown(data)
     if data["notes"]:
         at = lines.index("## Execution Timeline")
         lines[at:at] = [*costs.notes_markdown(data["notes"]), ""]

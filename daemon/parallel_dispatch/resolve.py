@@ -161,6 +161,8 @@ class AgentResolver:
             api_key_env=own.api_key_env or base.api_key_env,
             read_timeout=own.read_timeout or base.read_timeout,
             notes=tuple(notes),
+            max_parallel=own.max_parallel if cfg is not None else None,
+            runner_max_parallel=base.max_parallel,
         )
 
     # -- messages -------------------------------------------------------------

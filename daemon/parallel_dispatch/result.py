@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # types only: the Action and `status` read statuses without p
 
 
 class TaskStatus(StrEnum):
-    """Where a task is; the last eight are final (`COUNTED`), `planned` ends a dry run."""
+    """Where a task is: `COUNTED` are final, `planned` ends a dry run, the rest are live."""
 
     PENDING = "pending"
     RUNNING = "running"
@@ -39,6 +39,9 @@ class TaskStatus(StrEnum):
     """Stopped while running (`on_failure: stop`, Ctrl-C, the file changed)."""
     PLANNED = "planned"
     """A dry run's verdict: it would run."""
+    WAITING_FOR_QUOTA = "waiting_for_quota"
+    """Live only: refused by its provider's rate or usage limit, waiting for its pool to
+    reopen; no retry is used up.  A run never ends with a task in it."""
 
     @property
     def mark(self) -> str:
@@ -69,7 +72,7 @@ MARKS: dict[str, str] = {
     TaskStatus.PENDING: "…", TaskStatus.RUNNING: "▶", TaskStatus.SUCCEEDED: "✓",
     TaskStatus.CACHED: "≡", TaskStatus.FAILED: "✗", TaskStatus.TIMEOUT: "⏱",
     TaskStatus.PROVIDER_ERROR: "⚠", TaskStatus.STALLED: "⏸", TaskStatus.SKIPPED: "↷",
-    TaskStatus.CANCELLED: "⊘", TaskStatus.PLANNED: "·",
+    TaskStatus.CANCELLED: "⊘", TaskStatus.PLANNED: "·", TaskStatus.WAITING_FOR_QUOTA: "⧗",
 }
 """The one table of status marks (progress lines, the Markdown report); keyed by
 `TaskStatus`, so a status read back from a report's JSON finds its mark too."""
@@ -117,6 +120,12 @@ class TaskRecord:
     """The agent's last live event when the task ended ("API retry 3/10: 529 overloaded")."""
     event: str | None = None
     """The agent's latest live event while it runs (for progress and `status`)."""
+    quota_waits: int = 0
+    """Times the provider's limits sent this task to `waiting_for_quota` (not retries)."""
+    quota_wait_s: float = 0.0
+    """Time spent waiting for quota, summed."""
+    quota_since: float | None = field(default=None, repr=False)
+    """When the current wait began (scheduler clock), while waiting."""
 
     @property
     def output_path(self) -> Path:
@@ -148,6 +157,8 @@ class RunResult:
     report: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     """Run-level remarks for both reports (e.g. the cost budget stopped new tasks)."""
+    pools: list[dict[str, Any]] = field(default_factory=list)
+    """Each runner and agent pool at the end of the run (quota.py `Pool.snapshot`)."""
 
     def count(self, status: TaskStatus) -> int:
         return sum(1 for r in self.records if r.status == status)

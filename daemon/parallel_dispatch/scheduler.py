@@ -16,12 +16,15 @@ from dataclasses import dataclass
 
 import trio
 
+from . import pricing
+from .budget import Ledger, Usage, Verdict
 from .events import CAUSES, Activity, AgentEvent
-from .fmt import plural
+from .fmt import fmt_duration, plural
 from .incremental import Reuse
 from .model import MAX_BACKOFF_S
-from .plan import Plan
+from .plan import Plan, expected_durations
 from .progress import NullProgress, Progress
+from .quota import MAX_QUOTA_WAITS, RATE_CAUSES, Governor, Parking, Pool, beyond_wait
 from .result import PROBLEMS, RunResult, TaskRecord, TaskStatus, verb
 from .runners.base import Job, Outcome, Runner
 from .spec import DispatchSpec
@@ -49,6 +52,15 @@ class _RetryDue:
     index: int
 
 
+@dataclass
+class _Wake:
+    """A pool may admit again (a slot freed elsewhere, a pause or spacing ended)."""
+
+
+_Msg = _Finished | _RetryDue | _Wake
+
+
+
 class Scheduler:
     """Runs one `DispatchSpec` to completion with a `Runner`."""
 
@@ -64,6 +76,8 @@ class Scheduler:
         on_task_done: Callable[[TaskRecord], None] | None = None,
         reuse: Reuse | None = None,
         limiter: trio.CapacityLimiter | None = None,
+        governor: Governor | None = None,
+        usage: Mapping[str, Usage] | None = None,
     ) -> None:
         self.spec = spec
         self.runner = runner
@@ -75,9 +89,23 @@ class Scheduler:
         self.reuse = reuse
         self.limiter = limiter
         """A slot pool shared with other runs (the daemon's global --max-parallel)."""
+        self.governor = governor or Governor(rng=self.rng)
+        """Runner and agent pools (quota.py); the daemon shares one across files."""
+        self._pools: list[tuple[Pool, ...] | None] = [None] * len(spec.tasks)
+        self._held: dict[int, tuple[tuple[Pool, int], ...]] = {}
+        """Running task → the pools it holds a slot of, with its start epoch in each."""
+        self._parked = Parking()
+        """Ready tasks a pool refused for now."""
+        self._timers: dict[float, trio.CancelScope] = {}
+        self._wake_pending = False
+        self._send: trio.MemorySendChannel[_Msg] | None = None
+        self._signalled: set[int] = set()
+        """Tasks whose running attempt already told its pool of a limit (a live event)."""
+        self._quota_first: dict[int, float] = {}
+        """Task → when its provider's limits first sent it waiting (`max_quota_wait`)."""
         self._instant: Callable[[Job], Outcome] | None = (
             getattr(runner, "run_now", None) if reuse is None and limiter is None else None)
-        weights = _weights(spec, durations or {})
+        weights = expected_durations(spec.graph.ids, durations or {})
         rest = spec.graph.remaining_path(weights)
         self.plan = Plan(spec.graph, rest)
         self.result.critical_path = [
@@ -87,9 +115,12 @@ class Scheduler:
         self._backoffs: dict[int, trio.CancelScope] = {}
         self._stopping: str | None = None
         self._t0 = 0.0
-        self.spent_usd = 0.0
-        """Cost reported by finished attempts, for the `max_cost_usd` budget."""
+        self.budget = Ledger(spec, usage)
+        """Spent and reserved cost and tokens (`usage`: each task's last recorded usage)."""
         self._budget_note: str | None = None
+        self._budget_held = False
+        """A start waits for running attempts' reservations to settle (`_admit_budget`)."""
+        self._budget_skips = 0
         self._rejected: dict[tuple[object, ...], str] = {}
         """Credential key → the task whose provider rejected those credentials."""
         self._blocked: dict[int, str] = {}
@@ -109,6 +140,8 @@ class Scheduler:
             self._stopping = why
         for scope in [*self._scopes.values(), *self._backoffs.values()]:
             scope.cancel()
+        if self._send is not None:
+            self._wake()  # the loop may be waiting for a pool to reopen: let it see the stop
 
     # -- the loop -------------------------------------------------------------------
     async def run(self) -> RunResult:
@@ -124,24 +157,33 @@ class Scheduler:
         the statuses of the contract, never `running` or `pending`.  The same holds
         when a runner's bug escapes as an exception.
         """
-        send, recv = trio.open_memory_channel[_Finished | _RetryDue](math.inf)
+        send, recv = trio.open_memory_channel[_Msg](math.inf)
         self._t0 = trio.current_time()
+        self._send = send
         try:
             await self._loop(send, recv)
         finally:
+            for pool in self.governor.pools.values():
+                pool.on_release.pop(id(self), None)
+            self._parked.clear()  # drained below as not started: not waiting any more
             self._close_leftovers()
+            self.result.pools = self.governor.snapshot(trio.current_time())
             self.result.wall_s = trio.current_time() - self._t0
         return self.result
 
-    async def _loop(self, send: trio.MemorySendChannel[_Finished | _RetryDue],
-                    recv: trio.MemoryReceiveChannel[_Finished | _RetryDue]) -> None:
+    async def _loop(self, send: trio.MemorySendChannel[_Msg],
+                    recv: trio.MemoryReceiveChannel[_Msg]) -> None:
         running = 0
         async with trio.open_nursery() as nursery:
             while True:
                 while (self._stopping is None and running < self.spec.settings.max_parallel
-                       and self.plan.has_ready() and not self._over_budget()):
-                    i = self.plan.pop_ready()
+                       and not self._over_budget()):
+                    i = self._next_ready()
+                    if i is None:
+                        break
                     if self._credentials_rejected(i):
+                        continue
+                    if not self._admit_budget(i):
                         continue
                     if self._instant is not None:  # e.g. a dry run: no task, no await
                         unsettled = self._run_instantly(i, self._instant)
@@ -149,10 +191,17 @@ class Scheduler:
                             self._handle(unsettled, nursery, send)
                         continue
                     running += 1
+                    self._take_pools(i)
                     nursery.start_soon(self._attempt, i, send)
-                if running == 0 and not self._backoffs:
+                if running == 0 and not self._backoffs and not (
+                        self._parked.pools() and self._stopping is None
+                        and not self._over_budget()):
                     break
+                self._arm_wakeup(nursery)
                 msg = await recv.receive()
+                if isinstance(msg, _Wake):
+                    self._wake_pending = False
+                    continue
                 if isinstance(msg, _RetryDue):
                     self._backoffs.pop(msg.index, None)
                     if self._stopping is None:
@@ -162,7 +211,78 @@ class Scheduler:
                     continue
                 running -= 1
                 self._handle(msg, nursery, send)
+            for scope in self._timers.values():
+                scope.cancel()
         self._finished = True
+
+    # -- pools (quota.py): which ready task may start now ---------------------------
+    def _pools_of(self, i: int) -> tuple[Pool, ...]:
+        """The runner's adaptive pool and the agent's fixed one, made on first use."""
+        pools = self._pools[i]
+        if pools is None:
+            agent, settings = self.spec.agents[i], self.spec.settings
+            found = []
+            if self._instant is not None:  # a dry run: nothing reaches a provider
+                pass
+            elif agent.runner is not None:
+                found.append(self.governor.pool(
+                    agent.runner, agent.runner_max_parallel or settings.max_parallel,
+                    adaptive=settings.adaptive_parallel))
+            if agent.max_parallel is not None:
+                found.append(self.governor.pool(f"agent {agent.name}", agent.max_parallel,
+                                                adaptive=False))
+            pools = self._pools[i] = tuple(found)
+        return pools
+
+    def _next_ready(self) -> int | None:
+        """The most urgent ready task all of whose pools admit it now; parks the others."""
+        now = trio.current_time()
+        for j in self._parked.admitted(now):
+            self.plan.requeue(j)
+        while self.plan.has_ready():
+            i = self.plan.pop_ready()
+            refusing = next((p for p in self._pools_of(i)
+                             if p.blocked_until(now) is not None), None)
+            if refusing is None:
+                return i
+            self._parked.park(refusing, self.plan.priority[i], i)
+        return None
+
+    def _take_pools(self, i: int) -> None:
+        pools = self._pools_of(i)
+        if pools:
+            now = trio.current_time()
+            self._held[i] = tuple((p, p.start(now)) for p in pools)
+        rec = self.records[i]
+        if rec.quota_since is not None:
+            rec.quota_wait_s += self._now() - rec.quota_since
+            rec.quota_since = None
+
+    def _release_pools(self, i: int) -> None:
+        for pool, _ in self._held.get(i, ()):
+            pool.release()
+
+    def _arm_wakeup(self, nursery: trio.Nursery) -> None:
+        """Make sure a pool that refused a parked task wakes the loop when it may admit."""
+        now = trio.current_time()
+        for pool in self._parked.pools():
+            when = pool.blocked_until(now)
+            if when == math.inf:
+                pool.on_release[id(self)] = self._wake
+            elif when is not None and when not in self._timers:
+                scope = self._timers[when] = trio.CancelScope()
+                nursery.start_soon(self._wake_at, when, scope)
+
+    async def _wake_at(self, when: float, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep_until(when)
+            self._wake()
+        self._timers.pop(when, None)
+
+    def _wake(self) -> None:
+        if not self._wake_pending and self._send is not None:
+            self._wake_pending = True
+            self._send.send_nowait(_Wake())
 
     def _run_instantly(self, i: int, run_now: Callable[[Job], Outcome]) -> _Finished | None:
         """Runners that finish at once (`run_now`) need no task, slot or deadline.
@@ -185,16 +305,79 @@ class Scheduler:
         status = TaskStatus.SUCCEEDED if outcome.ok else TaskStatus.FAILED
         return _Finished(i, rec.attempts, status, outcome, now, now)
 
+    @property
+    def spent_usd(self) -> float:
+        """Known cost (reported or priced) of finished attempts."""
+        return self.budget.spent_usd
+
     def _over_budget(self) -> bool:
-        """Whether reported costs reached `max_cost_usd`: then nothing new starts."""
-        budget = self.spec.settings.max_cost_usd
-        if budget is None or self.spent_usd < budget:
+        """Whether nothing may start now: `max_cost_usd` / `max_tokens` is used up, or a
+        start waits for running attempts to settle their reservations."""
+        if self._budget_held:
+            return True
+        why = self.budget.reached()
+        if why is None:
             return False
         if self._budget_note is None:
-            self._budget_note = f"budget reached (max_cost_usd ${budget:g})"
+            self._budget_note = why
         return True
 
-    async def _attempt(self, i: int, send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
+    def _admit_budget(self, i: int) -> bool:
+        """Reserve task `i`'s expected cost and tokens before it starts (budget.py), so
+        parallel starts cannot overshoot the run's budget.
+
+        False: not started now.  Either it would exceed the remaining budget and is
+        recorded `skipped` (a retry keeps its last failure), or it is back in the queue
+        and `_over_budget()` holds further starts until a running attempt settles.
+        """
+        if self._instant is not None:  # a dry run spends nothing
+            return True
+        verdict, reason = self.budget.admit(i)
+        if verdict is Verdict.START:
+            return True
+        if verdict is Verdict.HOLD:
+            self.plan.requeue(i)
+            self._budget_held = True
+            return False
+        self._budget_skips += 1
+        rec = self.records[i]
+        if rec.attempts:
+            rec.error = f"{rec.error}; not retried: {reason.removeprefix('not started: ')}"
+            self._done(rec)
+            self._fail(i, rec)
+            return False
+        rec.status = TaskStatus.SKIPPED
+        rec.reason = reason
+        self._done(rec)
+        for d in self.plan.failed(i):
+            dep = self.records[d]
+            dep.status = TaskStatus.SKIPPED
+            dep.reason = f"dependency '{rec.id}' was skipped ({reason})"
+            self._done(dep)
+        return False
+
+    def _settle_budget(self, msg: _Finished) -> None:
+        """Price the attempt's tokens (pricing.py), replace its reservation with what it
+        spent, and warn once when the spend passes `warn_cost_usd`."""
+        self._budget_held = False
+        i, out = msg.index, msg.outcome
+        if msg.status is None or msg.status == TaskStatus.CACHED:
+            self.budget.release(i)
+            return
+        if out is None:  # killed at its deadline: what it spent is unknown
+            self.budget.settle(i, None)
+        else:
+            agent = self.spec.agents[i]
+            model = out.metrics.get("model")
+            pricing.apply(out.metrics, model if isinstance(model, str) else agent.model,
+                          self.spec.config.pricing)
+            self.budget.settle(i, Usage.of(out.metrics))
+        warning = self.budget.warning()
+        if warning is not None:
+            self.progress.note(warning)
+            self.result.notes.append(warning[0].upper() + warning[1:] + ".")
+
+    async def _attempt(self, i: int, send: trio.MemorySendChannel[_Msg]) -> None:
         """One attempt of task `i`, from the cache check through waiting for a slot to the end.
 
         `_stop` cancels `stop_scope` wherever the attempt is: a task still queued
@@ -202,17 +385,20 @@ class Scheduler:
         """
         rec = self.records[i]
         msg: _Finished | None = None
-        with trio.CancelScope() as stop_scope:
-            self._scopes[i] = stop_scope
-            if self._stopping is not None:
-                stop_scope.cancel()
-            if rec.attempts == 0 and self.reuse is not None and await self.reuse.lookup(i):
-                now = self._now()
-                msg = _Finished(i, 0, TaskStatus.CACHED, None, now, now)
-            else:
-                async with self.limiter if self.limiter is not None else nullcontext():
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                    msg = await self._attempt_in_slot(i, rec)
+        try:
+            with trio.CancelScope() as stop_scope:
+                self._scopes[i] = stop_scope
+                if self._stopping is not None:
+                    stop_scope.cancel()
+                if rec.attempts == 0 and self.reuse is not None and await self.reuse.lookup(i):
+                    now = self._now()
+                    msg = _Finished(i, 0, TaskStatus.CACHED, None, now, now)
+                else:
+                    async with self.limiter if self.limiter is not None else nullcontext():
+                        await trio.lowlevel.checkpoint_if_cancelled()
+                        msg = await self._attempt_in_slot(i, rec)
+        finally:  # also when cancelled from outside: the pools' slots go back at once
+            self._release_pools(i)
         self._scopes.pop(i, None)
         started = self._started.pop(i, None)
         if msg is None:
@@ -262,6 +448,15 @@ class Scheduler:
 
     def _on_event(self, rec: TaskRecord, ev: AgentEvent) -> None:
         rec.event = ev.text
+        if ev.cause in RATE_CAUSES:  # the client is retrying a limit: slow its pool now
+            first = rec.index not in self._signalled  # a refusal counts once per attempt
+            self._signalled.add(rec.index)
+            for pool, epoch in self._held.get(rec.index, ()):
+                self._signal(pool, rec, ev.cause, epoch=epoch, others=pool.running - 1,
+                             retry_after=ev.retry_after, count=first)
+        elif ev.kind not in ("retry", "error"):
+            for pool, _ in self._held.get(rec.index, ()):
+                pool.probing = False  # a probe that talks got through: reopen the pool
         self.progress.task_event(rec, ev)
 
     def _succeeded(self, i: int, rec: TaskRecord) -> None:
@@ -271,9 +466,13 @@ class Scheduler:
         self._done(rec)
 
     def _handle(self, msg: _Finished, nursery: trio.Nursery,
-                send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
+                send: trio.MemorySendChannel[_Msg]) -> None:
         i = msg.index
         rec = self.records[i]
+        held = self._held.pop(i, ())
+        signalled = i in self._signalled
+        self._signalled.discard(i)
+        self._settle_budget(msg)
         if msg.status is None and i not in self._blocked:
             return  # stopped while queued: `_close_leftovers` reports it as not started
         if i in self._blocked:  # cancelled because its runner's credentials were rejected
@@ -299,13 +498,12 @@ class Scheduler:
             rec.exit_code = out.exit_code
             rec.error = out.error
             for key, value in out.metrics.items():
-                if isinstance(value, int | float) and key in rec.metrics:
+                if key == "cost_source":
+                    rec.metrics[key] = pricing.merge_source(rec.metrics.get(key), value)
+                elif isinstance(value, int | float) and key in rec.metrics:
                     rec.metrics[key] += value
                 else:
                     rec.metrics[key] = value
-            cost = out.metrics.get("cost_usd")
-            if isinstance(cost, int | float):
-                self.spent_usd += cost
         status = msg.status
         assert status is not None  # an unstarted attempt was handled above
         rec.last_event = msg.last_event.text if msg.last_event is not None else None
@@ -324,11 +522,18 @@ class Scheduler:
         if status == TaskStatus.CANCELLED:
             rec.error = f"cancelled: {self._stopping or 'run stopped'}"
         if status == TaskStatus.SUCCEEDED:
+            now = trio.current_time()
+            for pool, _ in held:
+                pool.succeeded(now)
             self._succeeded(i, rec)
             return
+        if self._waits_for_quota(i, rec, status, msg, held, nursery, send, signalled):
+            return
         retryable = msg.status in _DEADLINES or (out is not None and out.retryable)
-        if (status in PROBLEMS and retryable
-                and self._stopping is None and rec.attempts < self.spec.max_attempts(i)):
+        would_retry = (status in PROBLEMS and retryable and self._stopping is None
+                       and rec.attempts - rec.quota_waits < self.spec.max_attempts(i))
+        task_spent = self.budget.task_spent(i, rec.metrics) if would_retry else None
+        if would_retry and task_spent is None:
             rec.status = status
             delay = max(self._backoff(i, rec.attempts), (out and out.retry_after) or 0.0)
             self.progress.task_retrying(rec, delay)
@@ -337,10 +542,92 @@ class Scheduler:
             nursery.start_soon(self._sleep_then_retry, i, delay, scope, send)
             return
         rec.status = status
+        if task_spent is not None:
+            rec.error = f"{rec.error or verb(status)}; not retried: {task_spent}"
         self._done(rec)
         if status == TaskStatus.PROVIDER_ERROR and rec.cause == "auth":
             self._reject_credentials(i, rec)
         self._fail(i, rec)
+
+    # -- waiting for quota ----------------------------------------------------------------
+    @property
+    def _max_quota_wait_s(self) -> float:
+        return self.spec.settings.max_quota_wait / 1000
+
+    def _waits_for_quota(self, i: int, rec: TaskRecord, status: TaskStatus, msg: _Finished,
+                         held: tuple[tuple[Pool, int], ...], nursery: trio.Nursery,
+                         send: trio.MemorySendChannel[_Msg], signalled: bool) -> bool:
+        """A provider's rate or usage limit: the task waits for its pool, no retry used.
+
+        False when this is not a limit the governor handles (then `_handle` goes on as
+        for any failure).  True when the task now waits (`waiting_for_quota`), or has
+        ended because the reset lies beyond `max_quota_wait`.
+        """
+        out = msg.outcome
+        retry_after = out.retry_after if out is not None else None
+        if retry_after is None and msg.last_event is not None:
+            retry_after = msg.last_event.retry_after
+        cause = rec.cause
+        adaptive = [(p, e) for p, e in held if p.adaptive]
+        if (status != TaskStatus.PROVIDER_ERROR or not adaptive or self._stopping is not None
+                or cause not in RATE_CAUSES or (cause == "quota" and retry_after is None)):
+            return False
+        clock, now = trio.current_time(), self._now()
+        pool, epoch = adaptive[0]
+        self._signal(pool, rec, cause, epoch=epoch, others=pool.running,
+                     retry_after=retry_after, count=not signalled,
+                     rpm=out.requests_per_min if out is not None else None)
+        ahead = max(pool.wait_left(clock), retry_after or 0.0)
+        first = self._quota_first.setdefault(i, now)
+        limit = self._max_quota_wait_s
+        if now - first + ahead > limit or limit == 0 or rec.quota_waits >= MAX_QUOTA_WAITS:
+            rec.status = status
+            why = beyond_wait(pool, ahead, now - first, rec.quota_waits, limit)
+            rec.error = f"{rec.error}; {why}"
+            self._done(rec)
+            self._fail(i, rec)
+            return True
+        rec.quota_waits += 1
+        pool.waits += 1
+        rec.status = TaskStatus.WAITING_FOR_QUOTA
+        rec.quota_since = now
+        self.progress.task_waiting(rec, pool.name, pool.wait_left(clock))
+        if pool.wait_left(clock) > 0:
+            self.plan.requeue(i)  # parked until the pool's pause ends
+        else:  # slowed down but not paused (overloaded): the task's own jittered backoff
+            scope = self._backoffs[i] = trio.CancelScope()
+            nursery.start_soon(self._sleep_then_retry, i,
+                               self._backoff(i, rec.quota_waits), scope, send)
+        return True
+
+    def _signal(self, pool: Pool, rec: TaskRecord, cause: str, *, epoch: int, others: int,
+                retry_after: float | None, rpm: float | None = None,
+                count: bool = True) -> None:
+        """Tell the pool; say on the progress stream when its limit or pause changed."""
+        clock = trio.current_time()
+        limit, paused = pool.limit, pool.paused_until
+        pool.signal(clock, cause, epoch=epoch, others=others, retry_after=retry_after, rpm=rpm,
+                    max_wait=self._max_quota_wait_s, count=count)
+        changes = []
+        if pool.limit != limit:
+            changes.append(f"limit {limit} → {pool.limit}")
+        if pool.paused_until > max(paused, clock):
+            changes.append(f"paused for {fmt_duration(pool.wait_left(clock))} "
+                           f"({pool.pause_reason})")
+        if changes:
+            self.progress.note(f"pool {pool.name}: {', '.join(changes)} after "
+                               f"{cause.replace('_', ' ')} in task '{rec.id}'")
+
+
+    def _end_quota_wait(self, rec: TaskRecord, why: str) -> None:
+        """A task still waiting for quota when the run stops keeps its provider error."""
+        if rec.status != TaskStatus.WAITING_FOR_QUOTA:
+            return
+        if rec.quota_since is not None:
+            rec.quota_wait_s += self._now() - rec.quota_since
+            rec.quota_since = None
+        rec.status = TaskStatus.PROVIDER_ERROR
+        rec.error = f"{rec.error}; interrupted while waiting for quota: {why}"
 
     def _deadline_error(self, i: int, status: TaskStatus, msg: _Finished) -> str:
         if status == TaskStatus.TIMEOUT:
@@ -419,7 +706,7 @@ class Scheduler:
         return base * (1 + self.rng.random())
 
     async def _sleep_then_retry(self, i: int, delay: float, scope: trio.CancelScope,
-                                send: trio.MemorySendChannel[_Finished | _RetryDue]) -> None:
+                                send: trio.MemorySendChannel[_Msg]) -> None:
         with scope:
             await trio.sleep(delay)
         send.send_nowait(_RetryDue(i))
@@ -427,6 +714,7 @@ class Scheduler:
     def _finish_record(self, i: int) -> None:
         """A task whose retry was pending when the run stopped keeps its last failure."""
         rec = self.records[i]
+        self._end_quota_wait(rec, self._stopping or "the run stopped")
         self.plan.failed(i)
         self._done(rec)
 
@@ -459,14 +747,19 @@ class Scheduler:
                 rec.busy_s += now - start
                 self._done(rec)  # its dependents are drained below, as not started
         if self._budget_note is not None:
-            budget = self.spec.settings.max_cost_usd
+            self.result.notes.append(self.budget.summary(self._budget_note))
+        if self._budget_skips:
             self.result.notes.append(
-                f"Budget reached: ${self.spent_usd:.4f} spent of max_cost_usd ${budget:g}; "
-                "no new task was started after that (running ones finished).")
+                f"{plural(self._budget_skips, 'task')} did not start: the cost or tokens "
+                "expected of each would have exceeded the remaining budget (see Problems).")
+        self.result.notes.extend(self.budget.unbudgeted())
         why = self._stopping or self._budget_note or "not reached"
         for i in self.plan.drain():
             rec = self.records[i]
-            if rec.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
+            if rec.status == TaskStatus.WAITING_FOR_QUOTA:
+                self._end_quota_wait(rec, why)
+                self._done(rec)
+            elif rec.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
                 rec.status = TaskStatus.SKIPPED
                 rec.reason = f"not started: {why}"
                 self._done(rec)
@@ -478,10 +771,3 @@ class Scheduler:
 
     def _now(self) -> float:
         return trio.current_time() - self._t0
-
-
-def _weights(spec: DispatchSpec, durations: Mapping[str, float]) -> list[float]:
-    """Recorded durations where known; the mean of those (or 1) elsewhere."""
-    known = [durations[t] for t in spec.graph.ids if t in durations]
-    default = (sum(known) / len(known)) if known else 1.0
-    return [durations.get(t, default) for t in spec.graph.ids]

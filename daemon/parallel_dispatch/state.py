@@ -50,6 +50,10 @@ class TaskEntry(TypedDict, total=False):
     output_hash: str
     output_stamp: list[int]
     """(size, mtime_ns) of the output when hashed: an unchanged stamp skips rehashing."""
+    cost_usd: float
+    """Cost per attempt in its last run (where known): what its next start reserves."""
+    tokens: int
+    """Input + output tokens per attempt in its last run (where known)."""
 
 
 class RunEntry(TypedDict, total=False):
@@ -141,11 +145,12 @@ class State:
     def record(self, task_id: str, *, duration_s: float | None = None,
                status: str | None = None, finished_run: str | None = None,
                fingerprint: str | None = None, output_hash: str | None = None,
-               output_stamp: list[int] | None = None) -> None:
+               output_stamp: list[int] | None = None, cost_usd: float | None = None,
+               tokens: int | None = None) -> None:
         """Update a task's entry (journaled while a run is open); None leaves a key as it is."""
         given = {"duration_s": duration_s, "status": status, "finished_run": finished_run,
                  "fingerprint": fingerprint, "output_hash": output_hash,
-                 "output_stamp": output_stamp}
+                 "output_stamp": output_stamp, "cost_usd": cost_usd, "tokens": tokens}
         values = cast(TaskEntry, {k: v for k, v in given.items() if v is not None})
         self.tasks.setdefault(task_id, TaskEntry()).update(values)
         self._append({"task": task_id, "set": values})

@@ -266,13 +266,18 @@ def test_rate_limit_waits_the_servers_reset_time_then_succeeds(
 
 def test_rate_limit_seen_live_names_the_cause_and_the_wait_when_the_task_times_out(
         cc: AgentProject, stub: AnthropicStub) -> None:
-    """With the default reset (37 s) claude would wait about 40 s between ten retries."""
+    """With the default reset (37 s) claude would wait about 40 s between ten retries.
+    The wait its last `api_retry` named is where the pool reopens: beyond a 5 s
+    `max_quota_wait`, so the task ends at once instead of waiting for quota."""
     stub.behave("429")
-    one_task(cc, "{timeout_per_task: 10000}")
+    one_task(cc, "{timeout_per_task: 10000, max_quota_wait: 5000}")
     assert cc.run("t.yaml").returncode == 1
     a = cc.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "rate_limit"
     assert a["error"].startswith("claude runner: rate limited: timed out after 10s (last event ")
+    assert "; the claude pool would reopen in " in a["error"]
+    assert "beyond --max-quota-wait 5.0s" in a["error"]
+    assert a["attempts"] == 1 and "quota_waits" not in a
     wait = re.search(r"API retry 1/10: rate limited \(HTTP 429 rate_limit\), next try in "
                      r"(\d+) s\)", a["error"])
     assert wait is not None, a["error"]
@@ -289,11 +294,13 @@ def test_claudes_final_api_error_is_classified_from_api_error_status(
         cc: AgentProject, stub: AnthropicStub, step: str, cause: str, name: str,
         needle: str) -> None:
     """What claude prints once its retries are spent (shortened with
-    CLAUDE_CODE_MAX_RETRIES): `is_error` with `api_error_status`, exit 1."""
+    CLAUDE_CODE_MAX_RETRIES): `is_error` with `api_error_status`, exit 1.
+    `--fixed-parallel`: the case is claude's own final message; with the governor a
+    429 or 529 would send the task waiting for quota (test_quota_clients.py)."""
     stub.rate_limit_reset_s = 1
     stub.behave(step)
     one_task(cc)
-    assert cc.run("t.yaml", CLAUDE_CODE_MAX_RETRIES="2").returncode == 1
+    assert cc.run("t.yaml", "--fixed-parallel", CLAUDE_CODE_MAX_RETRIES="2").returncode == 1
     a = cc.task("a")
     assert a["status"] == "provider_error" and a["cause"] == cause
     assert a["exit_code"] == 1
@@ -311,9 +318,11 @@ def test_claudes_final_api_error_is_classified_from_api_error_status(
 ])
 def test_overload_and_server_errors_seen_live_name_the_cause_when_the_task_times_out(
         cc: AgentProject, stub: AnthropicStub, step: str, cause: str, name: str) -> None:
+    """`--fixed-parallel`: the case is how a timeout amid claude's retries is named; with
+    the governor an overloaded attempt would then wait for quota and run again."""
     stub.behave(step)
     one_task(cc, "{timeout_per_task: 12000}")
-    assert cc.run("t.yaml").returncode == 1
+    assert cc.run("t.yaml", "--fixed-parallel").returncode == 1
     a = cc.task("a")
     assert a["status"] == "provider_error" and a["cause"] == cause
     assert a["error"].startswith(f"claude runner: {name}: timed out after 12s (last event ")

@@ -10,6 +10,7 @@ events, how long codex retries, and how the dispatcher names the outcome.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,10 @@ def test_success_output_is_only_the_model_text_and_the_request_carries_body_and_
     assert task["input_tokens"] == USAGE["input_tokens"]
     assert task["output_tokens"] == USAGE["output_tokens"]
     assert task["turns"] == 1
-    assert task["cost_usd"] is None  # codex reports no cost
+    assert task["cost_usd"] is None  # codex reports no cost, and no price is configured
+    assert task["cost_source"] == "tokens only"
     assert task["session_id"]
-    assert f"| a | – | {USAGE['input_tokens']:,} | {USAGE['output_tokens']:,} | 1 |" \
+    assert f"| a | tokens only | {USAGE['input_tokens']:,} | {USAGE['output_tokens']:,} | 1 |" \
         in cx.report_md()
     assert task["last_event"].startswith("turn completed")
 
@@ -140,14 +142,19 @@ def test_missing_key_variable_is_bad_credentials(cx: AgentProject, stub: Respons
 
 def test_rate_limit_waits_the_reset_time_then_ends_as_rate_limited(
         cx: AgentProject, stub: ResponsesStub) -> None:
+    """codex's own five retries each wait the 429's `retry-after`; its output never says
+    how long, so the pool backs off on its own (at least 2 s): beyond a 1 s
+    `max_quota_wait`, so the task ends at once instead of waiting for quota."""
     stub.rate_limit_reset_s = 2
     stub.behave("429")
-    one_task(cx)
+    one_task(cx, "{max_quota_wait: 1000}")
     assert cx.run("t.yaml", timeout=150).returncode == 1
     a = cx.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "rate_limit"
     assert a["error"].startswith("codex runner: rate limited")
     assert "429 Too Many Requests" in a["error"] and "after 5 retries" in a["error"]
+    assert "beyond --max-quota-wait 1.0s" in a["error"]
+    assert a["attempts"] == 1 and "quota_waits" not in a
     calls = stub.model_calls()
     assert len(calls) == 6
     # codex honours the server's retry-after between its attempts
@@ -160,21 +167,29 @@ def test_rate_limit_waits_the_reset_time_then_ends_as_rate_limited(
 
 def test_usage_limit_is_an_exhausted_quota_with_its_reset_time_and_not_retried(
         cx: AgentProject, stub: ResponsesStub) -> None:
+    """A usage limit that resets in an hour, past a 1 min `max_quota_wait`: the task ends
+    at once, saying when the pool would reopen (a nearer reset is waited for:
+    test_quota_clients.py)."""
     stub.behave("usage_limit")
-    one_task(cx, "{retry_backoff: 0}", retries=2)
+    one_task(cx, "{retry_backoff: 0, max_quota_wait: 60000}", retries=2)
     assert cx.run("t.yaml").returncode == 1
     a = cx.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "quota"
     assert a["error"].startswith("codex runner: usage quota exhausted")
     assert "hit your usage limit" in a["error"] and "try again at" in a["error"]
+    assert re.search(r"the codex pool would reopen in (59m [\d.]+s|1h 0[01]m \d+s) \(at ",
+                     a["error"]), a["error"]
+    assert "beyond --max-quota-wait 1m 00.0s" in a["error"]
     assert a["attempts"] == 1  # an exhausted quota is not retried
     assert len(stub.model_calls()) == 1
 
 
 def test_overloaded_ends_as_provider_overloaded(cx: AgentProject, stub: ResponsesStub) -> None:
+    """`--fixed-parallel`: the case is codex's own message and request retries; with the
+    governor an overloaded attempt would wait for quota and run again."""
     stub.behave("overloaded")
     one_task(cx)
-    assert cx.run("t.yaml").returncode == 1
+    assert cx.run("t.yaml", "--fixed-parallel").returncode == 1
     a = cx.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "overloaded"
     assert a["error"].startswith("codex runner: provider overloaded")

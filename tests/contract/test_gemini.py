@@ -248,13 +248,16 @@ def test_rate_limit_honours_retry_info_then_ends_as_rate_limited(
         gm: AgentProject, stub: GeminiStub) -> None:
     """A 429 with a RetryInfo: gemini waits max(its backoff, retryDelay) between attempts
     and prints each retry on stderr.  `general.maxAttempts: 2` keeps the test short
-    (the default 10 attempts take about 4 minutes)."""
+    (the default 10 attempts take about 4 minutes).  The retryDelay it quotes at the end
+    is past a 1 s `max_quota_wait`: the task ends at once instead of waiting for quota."""
     write_gemini_settings(gm, maxAttempts=2)
     stub.behave("429")
-    one_task(gm)
+    one_task(gm, "{max_quota_wait: 1000}")
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "rate_limit"
+    assert "beyond --max-quota-wait 1.0s" in a["error"]
+    assert a["attempts"] == 1 and "quota_waits" not in a
     assert a["exit_code"] == 173  # 429 % 256
     assert a["error"].startswith("gemini runner: rate limited: You exceeded your current quota")
     assert f"Suggested retry after {RETRY_DELAY_S}s" in a["error"]
@@ -269,13 +272,16 @@ def test_rate_limit_honours_retry_info_then_ends_as_rate_limited(
 def test_rate_limit_seen_live_names_the_cause_when_the_task_times_out(
         gm: AgentProject, stub: GeminiStub) -> None:
     """With gemini's default retries the task's timeout comes first: the last event (a
-    retry, read from stderr as it happened) says why."""
+    retry, read from stderr as it happened) says why, and its wait is past a 1 s
+    `max_quota_wait`, so the task ends instead of waiting for quota."""
     stub.behave("429")
-    one_task(gm, "{timeout_per_task: 15000}")
+    one_task(gm, "{timeout_per_task: 15000, max_quota_wait: 1000}")
     assert gm.run("t.yaml").returncode == 1
     a = gm.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "rate_limit"
     assert a["error"].startswith("gemini runner: rate limited: timed out after 15s (last event")
+    assert "beyond --max-quota-wait 1.0s" in a["error"]
+    assert a["attempts"] == 1 and "quota_waits" not in a
     assert f"provider asked to wait {RETRY_DELAY_S} s" in a["error"]
     assert a["last_event"].startswith("API rate limited: provider asked to wait")
     assert "Attempt 1 failed" in log_of(a)
@@ -305,11 +311,13 @@ def test_overloaded_and_server_errors_end_as_provider_errors(
         gm: AgentProject, stub: GeminiStub, step: str, cause: str, name: str, needle: str,
         exit_code: int) -> None:
     """`general.maxAttempts: 1`: gemini gives up after the first error and exits with the
-    status modulo 256 (by default it retries 10 times over 3-4 minutes)."""
+    status modulo 256 (by default it retries 10 times over 3-4 minutes).
+    `--fixed-parallel`: the case is gemini's own exit and message; with the governor an
+    overloaded attempt would wait for quota and run again."""
     write_gemini_settings(gm, maxAttempts=1)
     stub.behave(step)
     one_task(gm)
-    assert gm.run("t.yaml").returncode == 1
+    assert gm.run("t.yaml", "--fixed-parallel").returncode == 1
     a = gm.task("a")
     assert a["status"] == "provider_error" and a["cause"] == cause
     assert a["error"].startswith(f"gemini runner: {name}: {needle}")

@@ -115,19 +115,22 @@ def test_429_once_is_retried_by_the_sdk_after_the_reset_time(
     assert lm.output("a.md") == stub.text + "\n"
 
 
-def test_persistent_429_is_a_rate_limit_and_the_retry_waits_for_the_reset(
+def test_persistent_429_waits_for_the_reset_until_max_quota_wait(
         lm: AgentProject, stub: OpenAIChatStub) -> None:
+    """"Please try again in 2s" pauses the llm pool: the task waits for quota (no retry
+    used: `retries: 0`), runs again after the reset, is refused again, and then the
+    waits so far plus the next reset pass the 3 s `max_quota_wait`: it ends saying so."""
     stub.behave("429")
-    one_task(lm, retries=1, settings="{retry_backoff: 0}")
-    lm.run("t.yaml")
+    one_task(lm, retries=0, settings="{retry_backoff: 0, max_quota_wait: 3000}")
+    assert lm.run("t.yaml").returncode == 1
     a = lm.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "rate_limit"
     assert a["error"].startswith("llm runner: rate limited: Error code: 429 - Rate limit")
-    assert a["attempts"] == 2
+    assert "beyond --max-quota-wait 3.0s" in a["error"]
+    assert (a["attempts"], a["quota_waits"]) == (2, 1)
     calls = stub.model_calls()
     assert len(calls) == 6  # 3 per attempt: the SDK's 2 retries
-    # "Please try again in 2s" became the dispatcher's retry delay (retry_backoff is 0).
-    assert calls[3].t - calls[2].t >= RATE_LIMIT_RESET_S * 0.9
+    assert calls[3].t - calls[2].t >= RATE_LIMIT_RESET_S
 
 
 def test_an_exhausted_quota_is_not_retried(lm: AgentProject, stub: OpenAIChatStub) -> None:
@@ -147,13 +150,21 @@ def test_an_exhausted_quota_is_not_retried(lm: AgentProject, stub: OpenAIChatStu
 ])
 def test_server_errors_are_named_and_retried(
         lm: AgentProject, stub: OpenAIChatStub, step: str, cause: str, needle: str) -> None:
+    """A server error uses the task's retry; an overloaded one waits for quota instead
+    (no pause: the pool slows down), runs again, and ends once the second attempt (at
+    least the SDK's two backoffs, over 1 s) has passed the 0.5 s `max_quota_wait`."""
     stub.behave(step)
-    one_task(lm, retries=1, settings="{retry_backoff: 0}")
+    one_task(lm, retries=1, settings="{retry_backoff: 0, max_quota_wait: 500}")
     assert lm.run("t.yaml").returncode == 1
     a = lm.task("a")
     assert a["status"] == "provider_error" and a["cause"] == cause
     assert a["error"].startswith("llm runner: ") and needle in a["error"]
     assert a["attempts"] == 2 and len(stub.model_calls()) == 6
+    if cause == "overloaded":
+        assert a["quota_waits"] == 1
+        assert "for quota, the --max-quota-wait of 0.5s" in a["error"]
+    else:
+        assert "quota_waits" not in a
 
 
 def test_a_reply_dropped_once_then_success(lm: AgentProject, stub: OpenAIChatStub) -> None:

@@ -92,10 +92,13 @@ def test_success_output_is_only_the_model_text_and_the_body_is_the_system_prompt
     assert task["cached_input_tokens"] == CACHED_TOKENS
     assert task["output_tokens"] == COMPLETION_TOKENS
     assert task["turns"] == 1
-    assert task["cost_usd"] == 0  # the stub model has no price in opencode's catalogue
+    # The stub model has no price in opencode's catalogue: its `cost: 0` means unknown,
+    # not free, and no [pricing] entry names it.
+    assert task["cost_usd"] is None and task["cost_source"] == "tokens only"
     assert task["session_id"].startswith("ses_")
     assert task["last_event"].startswith("step 1 done (stop); tokens so far: 1,200 input")
-    assert f"| a | $0.0000 | {PROMPT_TOKENS:,} | {COMPLETION_TOKENS} | 1 |" in oc.report_md()
+    assert f"| a | tokens only | {PROMPT_TOKENS:,} | {COMPLETION_TOKENS} | 1 |" \
+        in oc.report_md()
     assert _npm_registry_requests(oc) == []
 
 
@@ -132,7 +135,7 @@ def test_tokens_and_turns_add_up_over_tasks_and_tool_steps_in_both_reports(
     assert summary["input_tokens"] == 4 * PROMPT_TOKENS
     assert summary["output_tokens"] == 4 * COMPLETION_TOKENS
     n_in, n_out = 4 * PROMPT_TOKENS, 4 * COMPLETION_TOKENS
-    assert f"| **Total** | **$0.0000** | **{n_in:,}** | **{n_out:,}** | **4** |" \
+    assert f"| **Total** | **–** | **{n_in:,}** | **{n_out:,}** | **4** |" \
         in oc.report_md()
     assert oc.output("b.md") == stub.text + "\n"
 
@@ -201,13 +204,17 @@ def test_429_waits_for_the_reset_time_then_succeeds(
 
 def test_persistent_429_is_a_rate_limit_with_the_reset_time(
         oc: AgentProject, stub: OpenAIChatStub) -> None:
+    """The reset in the final `error` event's headers is past a 1 s `max_quota_wait`: the
+    task ends at once instead of waiting for quota."""
     stub.behave("429")
-    one_task(oc, retries=0)
+    one_task(oc, retries=0, settings="{max_quota_wait: 1000}")
     oc.run("t.yaml")
     a = oc.task("a")
     assert a["status"] == "provider_error" and a["cause"] == "rate_limit"
     assert a["error"].startswith("opencode runner: rate limited: HTTP 429: Rate limit reached")
     assert f"retry after {RATE_LIMIT_RESET_S} s" in a["error"]
+    assert "beyond --max-quota-wait 1.0s" in a["error"]
+    assert a["attempts"] == 1 and "quota_waits" not in a
     assert len(stub.model_calls()) == 6  # opencode's own 5 retries, 2 s apart
 
 
@@ -218,14 +225,23 @@ def test_persistent_429_is_a_rate_limit_with_the_reset_time(
 ])
 def test_server_errors_are_named_and_retried_by_the_dispatcher(
         oc: AgentProject, stub: OpenAIChatStub, step: str, cause: str, needle: str) -> None:
+    """A server error uses the task's retry; an overloaded one waits for quota instead,
+    runs again, and ends once the second attempt (opencode's start and five retries)
+    has passed the 0.5 s `max_quota_wait`."""
     stub.retry_after_ms = 100  # opencode's own 5 retries in a second, not 80 s
     stub.behave(step)
-    one_task(oc, retries=1, settings="{retry_backoff: 0}")
+    one_task(oc, retries=1, settings="{retry_backoff: 0, max_quota_wait: 500}")
     assert oc.run("t.yaml").returncode == 1
     a = oc.task("a")
     assert a["status"] == "provider_error" and a["cause"] == cause
     assert a["error"].startswith("opencode runner: ") and needle in a["error"]
     assert a["attempts"] == 2
+    if cause == "overloaded":
+        assert a["quota_waits"] == 1
+        # its last wait was the 0.1 s `retry-after-ms`: the pool may still be paused
+        assert re.search(r"--max-quota-wait (of )?0\.5s", a["error"]), a["error"]
+    else:
+        assert "quota_waits" not in a
     assert len(stub.model_calls()) == 12
     assert a["last_event"].startswith("provider ")
 

@@ -22,6 +22,12 @@ A request with another key than `key` gets the 401 whatever the step.  429, 500 
 carry `x-should-retry: true` (as api.anthropic.com sends with a 429); a 401 carries no
 `x-should-retry`, and Claude Code then retries it ten times (with `false` it would stop
 at once).  Every request is recorded (`requests`, `messages()`).
+
+Opt-in provider limits: `limiter = Limiter(Limits(...))` (tests/stubs/limits.py) refuses
+model calls beyond them with Anthropic's 429 (`retry-after`,
+`anthropic-ratelimit-{requests,tokens}-*` with RFC 3339 resets), serves the rest after
+its delay, and puts those headers on every model call's reply.  Each call costs
+`input_tokens + output_tokens`.  A refused call has still taken its scripted step.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Reply, Request, StubServer
+from .limits import Limiter, Verdict, anthropic_error, anthropic_headers, serve
 
 KEY = "sk-ant-api03-stub-key-for-local-tests"
 RATE_LIMIT_RESET_S = 37
@@ -83,6 +90,7 @@ class AnthropicStub(StubServer):
         self.marker = marker
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
+        self.limiter: Limiter | None = None
         self._ids = itertools.count(1)
 
     # -- what the client asked -------------------------------------------------------
@@ -117,6 +125,23 @@ class AnthropicStub(StubServer):
 
     # -- answering -------------------------------------------------------------------
     def respond(self, req: Request, reply: Reply) -> None:
+        if self.limiter is None or not self.accepts(req) or not self.authorized(req):
+            self._respond(req, reply)
+            return
+
+        def refuse(verdict: Verdict) -> None:
+            headers = {**_req_id(self), "x-should-retry": "true",
+                       **anthropic_headers(verdict)}
+            reply.json(429, {**anthropic_error(verdict), "request_id": headers["request-id"]},
+                       headers)
+
+        def answer(verdict: Verdict) -> None:
+            reply.headers.update(anthropic_headers(verdict))
+            self._respond(req, reply)
+
+        serve(self.limiter, self.input_tokens + self.output_tokens, refuse, answer)
+
+    def _respond(self, req: Request, reply: Reply) -> None:
         path = _path(req)
         if req.method == "POST" and path == "/v1/messages/count_tokens":
             reply.json(200, {"input_tokens": self.input_tokens}, _req_id(self))

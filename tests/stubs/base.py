@@ -52,13 +52,16 @@ class Reply:
 
     def __init__(self, h: BaseHTTPRequestHandler) -> None:
         self.h = h
+        self.headers: dict[str, str] = {}
+        """Sent with every reply through `json` and `start_stream` (a stub's rate-limit
+        headers, which the provider sends on every response)."""
 
     def json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.h.send_response(status)
         self.h.send_header("Content-Type", "application/json")
         self.h.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
+        for k, v in {**self.headers, **(headers or {})}.items():
             self.h.send_header(k, v)
         self.h.end_headers()
         self._write(data)
@@ -70,7 +73,7 @@ class Reply:
         self.h.send_header("Content-Type", content_type)
         self.h.send_header("Cache-Control", "no-cache")
         self.h.send_header("Connection", "close")
-        for k, v in (headers or {}).items():
+        for k, v in {**self.headers, **(headers or {})}.items():
             self.h.send_header(k, v)
         self.h.end_headers()
         self.h.close_connection = True

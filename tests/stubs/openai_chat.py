@@ -31,6 +31,12 @@ and the dispatcher's own `openai` runner speak.  Streaming replies are
 
 A request whose system prompt asks for a session title (opencode's title agent) is
 answered "ok" without taking a scripted step, so the steps count model turns only.
+
+Opt-in provider limits: `limiter = Limiter(Limits(concurrency=4, rpm=60, ...))`
+(tests/stubs/limits.py) refuses model calls beyond them with OpenAI's 429, serves the
+rest after its delay, and puts `x-ratelimit-*` headers on every model call's reply.
+Each call costs `PROMPT_TOKENS + COMPLETION_TOKENS`, the usage it reports.  A refused
+call has still taken its scripted step.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import time
 from typing import Any
 
 from .base import Reply, Request, StubServer
+from .limits import Limiter, Verdict, openai_error, openai_headers, serve
 
 DEFAULT_TEXT = "Hello from the chat stub."
 DEFAULT_MODEL = "stub-model"
@@ -74,6 +81,7 @@ class OpenAIChatStub(StubServer):
         self.retry_after_s = retry_after_s
         self.retry_after_ms: int | None = None
         self.slow_s = 0.5
+        self.limiter: Limiter | None = None
         self._ids = itertools.count(1)
 
     @property
@@ -129,6 +137,21 @@ class OpenAIChatStub(StubServer):
 
     # -- replies -----------------------------------------------------------------------
     def respond(self, req: Request, reply: Reply) -> None:
+        if self.limiter is None or not self.accepts(req):
+            self._respond(req, reply)
+            return
+
+        def refuse(verdict: Verdict) -> None:
+            reply.json(429, openai_error(verdict, req.model or DEFAULT_MODEL),
+                       {**self._headers(), **openai_headers(verdict)})
+
+        def answer(verdict: Verdict) -> None:
+            reply.headers.update(openai_headers(verdict))
+            self._respond(req, reply)
+
+        serve(self.limiter, PROMPT_TOKENS + COMPLETION_TOKENS, refuse, answer)
+
+    def _respond(self, req: Request, reply: Reply) -> None:
         path = req.path.split("?")[0]
         if req.method == "GET" and path.endswith("/models"):
             reply.json(200, {"object": "list", "data": [

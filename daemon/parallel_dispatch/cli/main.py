@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -55,6 +56,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+
+
+def _duration_ms(text: str) -> int:
+    """`90s`, `30m`, `2h`, `500ms`, or a bare number of milliseconds (like --timeout)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 90s, 30m, 2h or milliseconds, got {text!r}")
+    return round(float(m.group(1)) * _UNITS_MS[m.group(2) or "ms"])
+
+
 CONFIG_HELP = "project config (default .aiwg/dispatch.toml in the project root)"
 PROJECT_HELP = ("the project's root (default: the project around the current directory: "
                 "the nearest folder up holding .aiwg/, else .claude/ or .git)")
@@ -74,7 +87,19 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="failure handling (default continue)")
     p.add_argument("--dry-run", action="store_true", help="show execution plan without running")
     p.add_argument("--max-cost", type=_positive_float, metavar="USD",
-                   help="start no new task once the agents' reported cost reaches this")
+                   help="cost budget: each start reserves its expected cost first, and a task "
+                        "that would pass the budget is skipped")
+    p.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                   help="token budget (input + output), reserved before each start like "
+                        "--max-cost")
+    p.add_argument("--warn-cost", type=_positive_float, metavar="USD",
+                   help="print one warning when the run's cost passes this")
+    p.add_argument("--max-quota-wait", type=_duration_ms, metavar="TIME",
+                   help="how long a task may wait in all for its provider's rate or usage "
+                        "limit to reset, e.g. 90s, 30m, 2h or milliseconds (default 1h)")
+    p.add_argument("--fixed-parallel", action="store_true",
+                   help="keep every pool at its configured limit: no adapting to rate "
+                        "limits, no waiting for quota (a rate limit is a retryable failure)")
     p.add_argument("--resume", action="store_true",
                    help="reuse outputs of tasks unchanged since their last successful run")
     p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
@@ -109,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="failure handling to plan for (default continue)")
     p.add_argument("--max-cost", type=_positive_float, metavar="USD",
                    help="cost budget, as a run would get it")
+    p.set_defaults(max_tokens=None, warn_cost=None)  # run-only budget flags
+    p.set_defaults(max_quota_wait=None, fixed_parallel=False)  # run-only quota flags
     p.add_argument("--idle-timeout", type=_positive_int, metavar="MS",
                    help="idle timeout, as a run would get it (default off)")
     p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
@@ -343,21 +370,26 @@ def _run(args: argparse.Namespace) -> int:
 
     import trio
 
-    from ..api import overrides_from, run_spec
+    from ..api import new_run_id, overrides_from, run_spec
     from ..loader import load_spec
     from ..orphans import AgentRegistry
     from ..progress import for_stream
     from ..runners import RunnerSet
-    from .plan_view import render_plan
+    from .plan_view import plan_text, render_plan
 
     spec = load_spec(args.task_file, config_path=args.config, overrides=overrides_from(
         max_parallel=args.max_parallel, timeout_ms=args.timeout, output_dir=args.output,
         on_failure=args.on_failure, max_cost_usd=args.max_cost,
-        idle_timeout_ms=args.idle_timeout))
+        idle_timeout_ms=args.idle_timeout, max_tokens=args.max_tokens,
+        warn_cost_usd=args.warn_cost, max_quota_wait_ms=args.max_quota_wait,
+        fixed_parallel=args.fixed_parallel))
     progress = for_stream(sys.stderr, quiet=args.quiet)
     gc.freeze()  # the spec lives as long as the process: keep the collector off it
     if args.dry_run:
         real = RunnerSet()
+        if args.command == "plan":  # the same text, without the scheduler (plan_text)
+            print(plan_text(spec, real, new_run_id()))
+            return EXIT_OK
         result = trio.run(lambda: run_spec(spec, runner=real, dry_run=True, progress=progress))
         print(render_plan(spec, result, real))
         return EXIT_OK

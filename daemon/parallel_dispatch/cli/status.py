@@ -22,6 +22,7 @@ from ..fmt import plural
 from ..loader import load_spec
 from ..model import Settings
 from ..probe import pid_alive
+from ..quota import pool_lines
 from ..report import REPORT_JSON
 from ..result import COUNTED, RunStatus
 from ..state import STATE_FILE, State
@@ -138,6 +139,7 @@ def render_status(project: Path, tasks_dir: Path | None = None) -> str:
     if daemon:
         lines.append(f"daemon: running (pid {daemon['pid']}, since {daemon['started_at']}, "
                      f"global max_parallel {daemon['max_parallel']})")
+        lines += [f"  pool {line}" for line in pool_lines(daemon.get("pools") or [])]
     else:
         lines.append("daemon: not running")
     live = (daemon or {}).get("files", {})
@@ -190,6 +192,8 @@ def render_status(project: Path, tasks_dir: Path | None = None) -> str:
         if now.get("running"):
             lines.append(f"  running now: {now.get('done')}/{now.get('total')} done; "
                          f"agents: {', '.join(now.get('running_tasks') or []) or '(none)'}")
+            if now.get("waiting_for_quota"):
+                lines.append(f"  waiting for quota: {', '.join(now['waiting_for_quota'])}")
         if run is None and out is not None:
             lines.append(f"  output: {_rel(out, project)}")
     if by_file:

@@ -18,7 +18,9 @@ Verified against the real **Claude Code 2.1.332** pointed at a local Anthropic A
   tool calls, refusals, tokens; a retry after 401/403 ends the task at once as bad
   credentials, where claude would retry for about three minutes;
 * the last `result` event is the outcome; `api_error_status` / `api_error` say when
-  the provider (not the agent) failed.
+  the provider (not the agent) failed.  A 429 after a `rejected` `rate_limit_event`
+  (claude.ai plan limits, which claude does not retry) is a usage quota that resets at
+  the event's `resetsAt`: the task waits for quota until then (issue 10).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from .preset import (
 
 ERROR_SUBTYPES = {
     "error_max_turns": "raise the limit with args = [\"--max-turns\", \"N\"]",
-    "error_max_budget_usd": "raise --max-budget-usd in args",
+    "error_max_budget_usd": "raise the task's max_cost_usd (or --max-budget-usd in args)",
     "error_max_structured_output_retries": "check the structured output schema",
 }
 
@@ -121,6 +123,9 @@ class ClaudeRunner(PresetRunner):
                 "--no-session-persistence"]
         if agent.model:
             argv += ["--model", agent.model]
+        budget = call.job.task.max_cost_usd
+        if budget is not None:  # claude stops itself (error_max_budget_usd) at a task budget
+            argv += ["--max-budget-usd", f"{budget:g}"]
         files = {}
         if call.system_prompt:
             if call.argv_safe(call.system_prompt):
@@ -225,7 +230,15 @@ class ClaudeRunner(PresetRunner):
             parsed.metrics = metrics
             return parsed
         message, cause = _result_error(result)
-        if cause is not None:
+        reset = _usage_reset(events) if cause in ("rate_limit", "quota") else None
+        if reset is not None:
+            # A claude.ai usage limit: the 429 is the plan's window, not a per-minute
+            # limit; claude does not retry it, so the task waits for `resetsAt`.
+            wait, note = reset
+            if note not in message:
+                message = f"{message} ({note})"
+            parsed = self.provider_error("quota", message, retry_after=wait)
+        elif cause is not None:
             parsed = self.provider_error(cause, message, retry_after=_last_wait(events, cause))
         elif subtype in ERROR_SUBTYPES:
             parsed = Parsed(ok=False, retryable=False,
@@ -365,6 +378,26 @@ def _result_error(result: dict[str, Any]) -> tuple[str, Cause | None]:
         if cause is not None and api_error not in message:
             message = f"{message} ({api_error})"
     return message, cause
+
+
+def _usage_reset(events: list[dict[str, Any]],
+                 now: float | None = None) -> tuple[float, str] | None:
+    """Seconds until the usage limit a `rejected` rate_limit_event announced resets, and
+    a note naming it; None when claude printed no such event with a `resetsAt`."""
+    for ev in reversed(events):
+        if ev.get("type") != "rate_limit_event":
+            continue
+        info = ev.get("rate_limit_info")
+        if not isinstance(info, dict) or info.get("status") != "rejected":
+            return None  # the latest word on the limit is not a refusal
+        resets = info.get("resetsAt")
+        if not isinstance(resets, int | float) or isinstance(resets, bool):
+            return None
+        kind = _str(info.get("rateLimitType")) or "usage"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resets))
+        wait = max(0.0, float(resets) - (time.time() if now is None else now))
+        return wait, f"{kind} limit, resets at {stamp}"
+    return None
 
 
 def _last_wait(events: list[dict[str, Any]], cause: Cause) -> float | None:

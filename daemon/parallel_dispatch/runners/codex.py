@@ -69,6 +69,8 @@ RESET_AT = re.compile(
     r"(?P<h>\d{1,2}):(?P<m>\d{2}) (?P<ampm>AM|PM)")
 """codex's usage-limit reset time, in its local time: `... or try again at 3:05 PM.` (today)
 or `... try again at Dec 2nd, 2026 3:05 PM.`"""
+RESET_ROUNDING_S = 60.0
+"""codex prints the reset to the minute (`%-I:%M %p`): the true reset lies within it."""
 
 STDERR_NOISE = re.compile(
     r"^(WARNING: proceeding, even though we could not create PATH aliases|"
@@ -103,7 +105,11 @@ def classify(message: str) -> Cause | None:
 
 
 def reset_after(message: str, now: datetime | None = None) -> float | None:
-    """Seconds until the reset time codex printed ("try again at 3:05 PM"), if any."""
+    """Seconds until the reset time codex printed ("try again at 3:05 PM"), if any.
+
+    Rounded up to the end of that minute: codex drops the seconds of `resets_at`, so a
+    wait until 3:05:00 would start the next attempt up to a minute too early, into the
+    same limit."""
     found = RESET_AT.search(message)
     if found is None:
         return None
@@ -119,7 +125,7 @@ def reset_after(message: str, now: datetime | None = None) -> float | None:
                 when += timedelta(days=1)
     except ValueError:
         return None
-    return max(0.0, (when - now).total_seconds())
+    return max(0.0, (when - now).total_seconds() + RESET_ROUNDING_S)
 
 
 def readable(message: str) -> str:

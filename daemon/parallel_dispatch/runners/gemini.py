@@ -71,6 +71,8 @@ RETRY_NOISE = re.compile(r"^(?: with status \d{3}| with \w+ error(?: \([^)]*\))?
 WAIT = re.compile(r"^Suggested retry after (?P<n>[\d.]+)(?P<u>ms|s)\.\.? ?(?P<rest>.*)$")
 """The line after a quota retry: `Suggested retry after 2s.. Retrying after 5103ms...`."""
 RETRY_AFTER = re.compile(r"(?:Suggested retry after|Please retry in) (?P<n>[\d.]+)(?P<u>ms|s)\b")
+NO_QUOTA = re.compile(r"limit:\s*0(?![\d.])")
+"""Google's words for a quota the plan does not include (`..., limit: 0, model: ...`)."""
 STATUS_IN_TEXT = re.compile(r"\bstatus:? (?P<s>\d{3})\b|\b(?P<t>[45]\d\d) error\b")
 API_ERROR_LINE = "Error when talking to Gemini API"
 
@@ -287,7 +289,10 @@ class GeminiRunner(PresetRunner):
         else:
             detail = "gemini failed without a message"
         if cause is not None:
-            return self.provider_error(cause, f"{detail} ({where})", err.retry_after)
+            # `limit: 0`: the plan has no quota for this model at all; its "retry in 52s"
+            # is the free tier's window, and waiting for it would only fail again.
+            wait = None if cause == "quota" and NO_QUOTA.search(message) else err.retry_after
+            return self.provider_error(cause, f"{detail} ({where})", wait)
         if code == 0 and no_result:
             return Parsed(ok=False, retryable=False,
                           error="printed no stream-json result; check `gemini --version` "

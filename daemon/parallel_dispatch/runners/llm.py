@@ -47,6 +47,12 @@ TEXT_CAUSES = cause_patterns(
 )
 
 
+def stated_wait(message: str) -> float | None:
+    """The wait an OpenAI-style 429 message states ("Please try again in 1m2.64s")."""
+    found = WAIT_RE.search(message)
+    return duration_s(found.group(1).lower()) if found else None
+
+
 def classify(message: str) -> tuple[Cause | None, int | None]:
     """The cause of an llm error message, and the HTTP status it quotes."""
     match = STATUS_RE.search(message)
@@ -108,7 +114,10 @@ class LlmRunner(PresetRunner):
                               kind="tokens")
         if text.startswith("Error:"):
             cause, _ = classify(text)
-            return AgentEvent(text, kind="error", cause=cause)
+            # The final error, seen live: its stated wait reaches the pool at once, so the
+            # pool does not guess a backoff of its own first.
+            return AgentEvent(text, kind="error", cause=cause,
+                              retry_after=stated_wait(text) if cause == "rate_limit" else None)
         return None
 
     def parse(self, call: Call, code: int, stdout: bytes, stderr: str) -> Parsed:
@@ -135,8 +144,5 @@ class LlmRunner(PresetRunner):
         cause, _ = classify(message)
         if cause is None:
             return self.failure(message, code)
-        wait = WAIT_RE.search(message) if cause == "rate_limit" else None
-        retry_after = None
-        if wait:
-            retry_after = duration_s(wait.group(1).lower())
+        retry_after = stated_wait(message) if cause == "rate_limit" else None
         return self.provider_error(cause, message, retry_after=retry_after)

@@ -55,12 +55,13 @@ class OpenAIError(Exception):
 
     def __init__(self, message: str, retryable: bool = True,
                  retry_after: float | None = None, status: int | None = None,
-                 cause: Cause | None = None) -> None:
+                 cause: Cause | None = None, requests_per_min: float | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
         self.status = status
         self.cause = cause
+        self.requests_per_min = requests_per_min
 
 
 class OpenAIRunner(AttemptRunner):
@@ -96,7 +97,8 @@ class OpenAIRunner(AttemptRunner):
                     job.activity.event(AgentEvent(str(exc), kind="error", cause=exc.cause,
                                                   retry_after=exc.retry_after))
                 return Outcome(ok=False, error=msg, retryable=exc.retryable,
-                               retry_after=exc.retry_after, cause=exc.cause)
+                               retry_after=exc.retry_after, cause=exc.cause,
+                               requests_per_min=exc.requests_per_min)
             metrics["turns"] = 1
             usage = ", ".join(f"{k} {v}" for k, v in metrics.items()
                               if k.endswith("tokens"))
@@ -210,6 +212,27 @@ def reset_after_s(headers: Any, now: float | None = None) -> float | None:
     return min(max(spent or resets.values()), MAX_RETRY_AFTER_S)
 
 
+def requests_per_min(headers: Any) -> float | None:
+    """The request rate the provider refills, once a 429 says the request limit is spent.
+
+    OpenAI and Anthropic replenish their limits continuously (a token bucket), and
+    `x-ratelimit-reset-requests` is the time until the bucket is full again; with
+    `remaining` at 0 that is the time to refill all of `limit`, so limit ÷ reset is the
+    rate the pool may start requests at.  None when the request limit is not what ran out
+    (a token or concurrency limit), or the headers don't say.
+    """
+    if str(headers.get("x-ratelimit-remaining-requests") or "").strip() != "0":
+        return None
+    try:
+        limit = float(str(headers.get("x-ratelimit-limit-requests") or "").strip())
+    except ValueError:
+        return None
+    reset = duration_s(str(headers.get("x-ratelimit-reset-requests") or ""))
+    if not (0 < limit < float("inf")) or reset is None or reset <= 0:
+        return None
+    return limit * 60.0 / reset
+
+
 def retry_after_s(headers: Any, now: float | None = None) -> float | None:
     """Seconds to wait from `Retry-After` (seconds or HTTP date) or `retry-after-ms`."""
     ms = headers.get("retry-after-ms")
@@ -252,7 +275,8 @@ def _http_error(status: int, body: bytes, headers: Any, url: str, key_name: str,
         wait = reset_after_s(headers)
         hint = f"retry after {wait:g}s" if wait is not None else "retry later"
         return OpenAIError(f"{CAUSES['rate_limit']} (HTTP 429: {message}); {hint}",
-                           retryable=True, retry_after=wait, status=status, cause="rate_limit")
+                           retryable=True, retry_after=wait, status=status, cause="rate_limit",
+                           requests_per_min=requests_per_min(headers))
     if status in (503, 529):
         return OpenAIError(f"{CAUSES['overloaded']} (HTTP {status}: {message})", retryable=True,
                            retry_after=retry_after_s(headers), status=status,

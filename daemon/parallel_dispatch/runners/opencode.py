@@ -43,6 +43,7 @@ import yaml
 
 from ..agentdefs import AgentDefinition
 from ..events import CAUSES, AgentEvent, Cause
+from .llm import stated_wait
 from .openai import reset_after_s
 from .preset import (
     Call,
@@ -247,9 +248,12 @@ class OpencodeRunner(PresetRunner):
                               kind="error", cause="auth", fatal=True)
         retrying = cause in ("rate_limit", "overloaded", "server", "unreachable")
         what = CAUSES[cause] if cause else "API call failed"
+        # The log line has no headers; an OpenAI-style body still states its wait.
+        wait = stated_wait(message) if cause == "rate_limit" else None
         return AgentEvent(f"{what} (failed API call {live.failed_calls}"
                           f"{', opencode retries' if retrying else ''}): {_short(message)}",
-                          kind="retry" if retrying else "error", cause=cause)
+                          kind="retry" if retrying else "error", cause=cause,
+                          retry_after=wait)
 
     def _stdout_event(self, live: _Live, event: dict[str, Any]) -> AgentEvent | None:
         kind = event.get("type")

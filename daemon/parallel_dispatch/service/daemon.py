@@ -44,6 +44,7 @@ from ..loader import load_spec
 from ..orphans import REGISTRY_DIR, AgentRegistry
 from ..probe import exists
 from ..progress import PlainProgress
+from ..quota import Governor
 from ..report import write_error_report
 from ..result import COUNTED, PROBLEMS, RunResult, RunStatus, TaskRecord, TaskStatus
 from ..runners import RunnerSet
@@ -121,6 +122,11 @@ class _FileProgress(PlainProgress):
         self.fs.running.discard(rec.id)
         super().task_retrying(rec, delay)
 
+    def task_waiting(self, rec: TaskRecord, pool: str, wait_s: float) -> None:
+        self.fs.running.discard(rec.id)
+        self.daemon.changed()
+        super().task_waiting(rec, pool, wait_s)
+
 
 class Daemon:
     """`parallel-dispatch watch`: serve a project until SIGTERM/SIGINT."""
@@ -140,6 +146,8 @@ class Daemon:
             self.tasks_dir = (self.project / self.tasks_dir).resolve()
         self.max_parallel = max_parallel or DEFAULT_GLOBAL_PARALLEL
         self.limiter = trio.CapacityLimiter(self.max_parallel)
+        self.governor = Governor()
+        """Runner and agent pools shared by every task file: a provider limits the account."""
         self.force = force
         self.notifier = notifier or Notifier(unset_environment=True)
         self.registry = AgentRegistry(self.project)
@@ -457,6 +465,8 @@ class Daemon:
                 await self._run(fs)
             except Exception as exc:  # the daemon never dies of one file
                 self._failed(fs, exc)
+            if not fs.dirty.is_set():  # its verdict stands: what a reader (or test) waits for
+                log.info("[%s] settled; idle until it changes", fs.name)
 
     async def _load(self, fs: TaskFileState, config: ProjectConfig) -> DispatchSpec:
         """Validate in a worker thread: a slow file must not stall the event loop
@@ -525,7 +535,8 @@ class Daemon:
         try:
             fs.result = await run_spec(
                 spec, runner=self.runner, reuse=reuse, limiter=self.limiter,
-                progress=_FileProgress(self, fs), scheduler_hook=hook)
+                governor=self.governor, progress=_FileProgress(self, fs),
+                scheduler_hook=hook)
         finally:
             fs.scheduler = None
             fs.running.clear()
@@ -666,6 +677,9 @@ class Daemon:
                     "running": fs.scheduler is not None,
                     "run_id": fs.scheduler.result.run_id if fs.scheduler else None,
                     "running_tasks": sorted(fs.running),
+                    "waiting_for_quota": (sorted(r.id for r in fs.scheduler.records
+                                                 if r.status == TaskStatus.WAITING_FOR_QUOTA)
+                                          if fs.scheduler else []),
                     "done": (sum(1 for r in fs.scheduler.records if r.status in COUNTED)
                         if fs.scheduler else None),
                     "total": len(fs.scheduler.records) if fs.scheduler else None,
@@ -674,6 +688,7 @@ class Daemon:
                 }
                 for fs in sorted(self.files.values(), key=lambda f: f.name)
             },
+            "pools": self.governor.snapshot(trio.current_time()),
         }
 
     async def _status_writer(self) -> None:
