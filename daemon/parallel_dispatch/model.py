@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,6 +23,8 @@ from pydantic import (
 
 OnFailure = Literal["continue", "stop", "retry"]
 InputsMode = Literal["none", "paths", "inline"]
+Isolation = Literal["none", "worktree"]
+MergeMode = Literal["none", "apply", "branch"]
 
 # Upper bounds: a value past them is a mistake, and would otherwise pass validation
 # and fail at run time (a float overflow, a name the file system refuses, a backoff
@@ -64,8 +67,47 @@ def _usable_dir(path: str) -> str:
     return path
 
 
+def _relative_glob(pattern: str) -> str:
+    parts = pattern.split("/")
+    if pattern.startswith(("/", "~")) or ".." in parts:
+        raise ValueError(f"{pattern!r} must be relative to the project root and stay inside "
+                         "it (no leading '/' or '~', no '..')")
+    return pattern
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VerifyShell(_Strict):
+    """`verify: {shell: "make test"}`: a command line for /bin/sh -c, said explicitly (a
+    bare string is refused: an argv list is the default, as for agents)."""
+
+    shell: Annotated[StrictStr, Field(min_length=1)] = Field(
+        description="Command line run through /bin/sh -c, like the shell agent's prompt.")
+
+
+def _verify_shape(value: object) -> object:
+    """One clear message per wrong shape, instead of pydantic's per-branch union errors."""
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("an empty command: give the program and its arguments, "
+                             "e.g. verify: [make, test]")
+        if not all(isinstance(arg, str) for arg in value):
+            raise ValueError("every argument must be a string (quote numbers and booleans)")
+        return value
+    if isinstance(value, dict):
+        if set(value) != {"shell"}:
+            raise ValueError("a mapping takes one key, shell: verify: {shell: 'make test'}")
+        if not isinstance(value["shell"], str) or not value["shell"].strip():
+            raise ValueError("verify: {shell: ...} needs a command line (a non-empty string)")
+        return value
+    raise ValueError("give an argv list (verify: [make, test]), or a command line for the "
+                     "shell as verify: {shell: 'make test'}")
+
+
+Verify = Annotated[list[StrictStr] | VerifyShell, BeforeValidator(_verify_shape)]
+"""`verify:` an argv list (no shell) or `{shell: ...}`."""
 
 
 class Settings(_Strict):
@@ -108,6 +150,19 @@ class Settings(_Strict):
         "parallel starts cannot overshoot max_cost_usd.")
     estimate_tokens: Annotated[StrictInt, Field(ge=0)] | None = Field(
         None, description="Tokens reserved for an attempt with no recorded usage (max_tokens).")
+    isolation: Isolation | None = Field(
+        None, description="worktree: every task runs in its own git worktree and its changes "
+        "are kept as a patch (changes/<id>.patch); none (default): in the project root.")
+    merge: MergeMode | None = Field(
+        None, description="After the run, join the isolated tasks' patches in dependency "
+        "order: none (default: patches only), apply (to the working tree), branch (one commit "
+        "per task on dispatch/<name>/<run id>; the working tree is untouched).")
+    verify: Verify | None = Field(
+        None, description="Command run after each merged task in the merge worktree: an argv "
+        "list, or {shell: '...'} for /bin/sh -c; a failure reverts that task (merge_failed).")
+    verify_timeout: PositiveMs | None = Field(
+        None, description="Milliseconds verify may run before it is killed and counts as "
+        "failed (default 600000: 10 min).")
 
 
 class Task(_Strict):
@@ -133,6 +188,15 @@ class Task(_Strict):
     inputs: InputsMode | None = Field(
         None, description="How dependency outputs are appended to the prompt "
         "(default inline; 'none' for the shell agent).")
+    isolation: Isolation | None = Field(
+        None, description="worktree: run in a fresh git worktree of the run's base commit plus "
+        "the dependencies' changes, and keep this task's changes as changes/<id>.patch "
+        "(overrides settings).")
+    writes: list[Annotated[StrictStr, Field(min_length=1),
+                           AfterValidator(_relative_glob)]] = Field(
+        default_factory=list, description="Globs (relative to the project root; a trailing "
+        "'/' covers a whole folder) of files this task changes in the shared tree: two "
+        "tasks whose writes overlap never run at the same time.")
     files: list[Annotated[StrictStr, Field(min_length=1)]] = Field(
         default_factory=list, description="Globs (relative to the project root) of files this "
         "task reads; their contents join its fingerprint and the daemon re-runs it when they "

@@ -28,6 +28,7 @@ from .quota import MAX_QUOTA_WAITS, RATE_CAUSES, Governor, Parking, Pool, beyond
 from .result import PROBLEMS, RunResult, TaskRecord, TaskStatus, verb
 from .runners.base import Job, Outcome, Runner
 from .spec import DispatchSpec
+from .writesets import clashes
 
 _DEADLINES = (TaskStatus.TIMEOUT, TaskStatus.STALLED)
 """Ended by the scheduler's clock, not by the agent: always worth another attempt."""
@@ -101,6 +102,8 @@ class Scheduler:
         self._send: trio.MemorySendChannel[_Msg] | None = None
         self._signalled: set[int] = set()
         """Tasks whose running attempt already told its pool of a limit (a live event)."""
+        self._write_pools = _write_pools(spec, self.governor)
+        """Task → one single-slot pool per task whose `writes:` clash with its own."""
         self._quota_first: dict[int, float] = {}
         """Task → when its provider's limits first sent it waiting (`max_quota_wait`)."""
         self._instant: Callable[[Job], Outcome] | None = (
@@ -231,6 +234,8 @@ class Scheduler:
             if agent.max_parallel is not None:
                 found.append(self.governor.pool(f"agent {agent.name}", agent.max_parallel,
                                                 adaptive=False))
+            if self._instant is None:
+                found += self._write_pools.get(i, ())
             pools = self._pools[i] = tuple(found)
         return pools
 
@@ -771,3 +776,18 @@ class Scheduler:
 
     def _now(self) -> float:
         return trio.current_time() - self._t0
+
+
+def _write_pools(spec: DispatchSpec, governor: Governor) -> dict[int, list[Pool]]:
+    """A one-slot pool per pair of tasks whose `writes:` clash: the two never run at the
+    same time, while each still runs beside everything else (a clash is not transitive)."""
+    writes = [t.writes for t in spec.tasks]
+    pools: dict[int, list[Pool]] = {}
+    if not any(writes):
+        return pools
+    ids = spec.graph.ids
+    for (i, j), _globs in clashes(writes).items():
+        pool = governor.pool(f"writes {spec.display}: {ids[i]} ↔ {ids[j]}", 1, adaptive=False)
+        pools.setdefault(i, []).append(pool)
+        pools.setdefault(j, []).append(pool)
+    return pools

@@ -10,6 +10,7 @@ from ..result import RunResult
 from ..runners.base import Job, Runner
 from ..spec import DispatchSpec
 from ..state import State
+from ..writesets import clashes
 
 
 def render_plan(spec: DispatchSpec, result: RunResult, runner: Runner) -> str:
@@ -71,4 +72,18 @@ def _render(spec: DispatchSpec, order: Sequence[str], critical: Sequence[str],
         lines.append("")
     lines.append(f"Start order: {', '.join(order)}")
     lines.append(f"Critical path: {' → '.join(critical)}")
+    lines += _exclusions(spec)
     return "\n".join(lines)
+
+
+def _exclusions(spec: DispatchSpec) -> list[str]:
+    """Pairs of tasks whose `writes:` clash: the run never has both going at once."""
+    writes = [t.writes for t in spec.tasks]
+    if not any(writes):
+        return []
+    pairs = clashes(writes)
+    if not pairs:
+        return ["Writes: no two tasks' writes: overlap; nothing is kept apart"]
+    ids = spec.graph.ids
+    return ["Never at the same time (their writes: overlap):",
+            *(f"  {ids[i]} ↔ {ids[j]}  ({a} ∩ {b})" for (i, j), (a, b) in pairs.items())]
