@@ -128,6 +128,19 @@ def test_starts_are_staggered_with_jitter_and_paced_to_a_stated_request_rate() -
     assert 60 / 60 * 1.05 <= gap <= 60 / 60 * 1.05 * 1.1  # never faster than 60 a minute
 
 
+def test_a_pool_follows_a_changed_configuration() -> None:
+    """The daemon keeps its pools across runs; a config change resizes them."""
+    gov = Governor()
+    pool = gov.pool("claude", 8, adaptive=True)
+    pool.signal(0.0, "rate_limit", epoch=0, others=4, retry_after=0)
+    assert pool.limit == 4
+    assert gov.pool("claude", 3, adaptive=True) is pool and (pool.max_limit, pool.limit) == (3, 3)
+    gov.pool("claude", 10, adaptive=True)
+    assert (pool.max_limit, pool.limit) == (10, 3)  # room to grow, earned by successes
+    gov.pool("claude", 6, adaptive=False)
+    assert (pool.max_limit, pool.limit, pool.adaptive) == (6, 6, False)
+
+
 def test_a_fixed_pool_ignores_signals() -> None:
     pool = Pool("agent reviewer", 2, adaptive=False)
     pool.signal(0.0, "rate_limit", epoch=0, others=1, retry_after=60)

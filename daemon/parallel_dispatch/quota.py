@@ -244,11 +244,20 @@ class Governor:
         self.stagger_s = stagger_s
 
     def pool(self, name: str, max_limit: int, *, adaptive: bool) -> Pool:
-        """The pool called `name`, made on first use (its first user sets its limit)."""
+        """The pool called `name`, made on first use.
+
+        A later run that configures it differently (the daemon after a config change)
+        resizes it: a lower maximum takes effect at once, a higher one as room to grow.
+        """
         pool = self.pools.get(name)
         if pool is None:
             pool = self.pools[name] = Pool(name, max_limit, adaptive=adaptive, rng=self.rng,
                                            stagger_s=self.stagger_s)
+        elif (pool.max_limit, pool.adaptive) != (max_limit, adaptive):
+            grow = max_limit > pool.max_limit and not adaptive
+            pool.max_limit, pool.adaptive = max_limit, adaptive
+            pool.limit = max_limit if grow or not adaptive else min(pool.limit, max_limit)
+            pool.spacing_s = max(pool.spacing_s, pool.stagger_s) if adaptive else 0.0
         return pool
 
     def snapshot(self, now: float) -> list[dict[str, Any]]:
