@@ -98,7 +98,10 @@ def configure_gemini(ap: AgentProject, stub: GeminiStub) -> AgentProject:
     project's private TMPDIR matters: gemini writes an error report to os.tmpdir() for
     every API error it gives up on."""
     write_gemini_settings(ap)
-    ap.env.update(GOOGLE_GEMINI_BASE_URL=stub.origin, GEMINI_API_KEY=GEMINI_KEY)
+    # GEMINI_CLI_NO_RELAUNCH: gemini otherwise starts itself a second time with a larger
+    # heap, which doubles each run's start-up CPU; the stub's replies are small.
+    ap.env.update(GOOGLE_GEMINI_BASE_URL=stub.origin, GEMINI_API_KEY=GEMINI_KEY,
+                  GEMINI_CLI_NO_RELAUNCH="true")
     ap.define("reviewer", BODY, model=GEMINI_MODEL)
     ap.config('[defaults]\nrunner = "gemini"\n')
     return ap

@@ -387,6 +387,9 @@ def test_stream_dropped_once_then_success(gm: AgentProject, stub: GeminiStub) ->
 
 def test_hanging_server_times_out_with_the_event_stream_kept(
         gm: AgentProject, stub: GeminiStub) -> None:
+    """As users run it: gemini relaunches itself with a larger heap (the other cases turn
+    that off to save start-up CPU), and the timeout ends both processes."""
+    gm.env.pop("GEMINI_CLI_NO_RELAUNCH")
     stub.behave("hang")
     one_task(gm, "{timeout_per_task: 15000}")
     assert gm.run("t.yaml").returncode == 1
