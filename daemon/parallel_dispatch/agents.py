@@ -49,6 +49,8 @@ class AgentSpec:
     """`[agents.X] max_parallel`: a fixed pool of this agent's tasks."""
     runner_max_parallel: int | None = None
     """`[runners.R] max_parallel`: the limit the runner's adaptive pool starts from."""
+    shared_state: bool = False
+    """`shared_state = true`: no private copy of the client's state per attempt."""
 
     @property
     def system_prompt(self) -> str:

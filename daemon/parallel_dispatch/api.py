@@ -28,17 +28,28 @@ from .errors import DispatchError
 from .fmt import now_iso, plural
 from .incremental import Reuse
 from .loader import load_spec
+from .merge import merge_changes
 from .outputs import clean_staging, clean_stale_staging
 from .probe import pid_alive
 from .process import sweep_run
 from .progress import LiveProgress, NullProgress, Progress
 from .quota import Governor
 from .report import REPORT_JSON, REPORT_MD, to_json, to_markdown, write_reports
-from .result import COUNTED, PROBLEMS, RunResult, RunStatus, TaskRecord, TaskStatus
+from .result import (
+    COUNTED,
+    MERGE_PROBLEMS,
+    PROBLEMS,
+    RunResult,
+    RunStatus,
+    TaskRecord,
+    TaskStatus,
+)
 from .runners import DryRunRunner, Runner, RunnerSet
+from .runners.isolated import IsolatedRunner
 from .scheduler import Scheduler
 from .spec import DispatchSpec
 from .state import State
+from .worktree import GitError, base_commit, clean_leftovers
 
 
 def new_run_id() -> str:
@@ -104,6 +115,12 @@ async def run_spec(
     result = new_result(spec, run_id, dry_run)
     if fd_note is not None:
         result.notes.append(fd_note)
+    isolated: IsolatedRunner | None = None
+    if not dry_run:
+        await clean_leftovers(spec.root)  # worktrees of a dispatcher killed outright
+        if spec.any_isolated:
+            active = isolated = IsolatedRunner(real, spec, await _base_commit(spec))
+            result.base_commit = isolated.base
     state = State.load(spec.settings.output_dir)
     cache = None if dry_run else Reuse(spec, state, enabled=reuse)
     scheduler = Scheduler(
@@ -117,14 +134,18 @@ async def run_spec(
     if not dry_run:
         _open_output_dir(spec, state, result)
     progress.run_started(result)
+    merging = trio.CancelScope()  # a signal while merging stops the merge queue too
     try:
         async with trio.open_nursery() as nursery:
             if handle_signals:
-                nursery.start_soon(_interrupt_on_signals, scheduler)
+                nursery.start_soon(_interrupt_on_signals, scheduler, merging)
             redraw = getattr(progress, "redraw", None)
             if callable(redraw):
                 nursery.start_soon(_tick, redraw)
             await scheduler.run()
+            if isolated is not None and spec.settings.merge != "none":
+                with merging:
+                    await _merge(result, isolated, progress, state)
             nursery.cancel_scope.cancel()
     finally:
         # Settled even when the run was cancelled from outside (see `Scheduler.run`):
@@ -136,6 +157,8 @@ async def run_spec(
         else:
             with trio.CancelScope(shield=True):
                 await _kill_leftovers(result)
+                if isolated is not None:
+                    await _settle_worktrees(result, isolated)
                 _finish(result, state)
     progress.run_finished(result)
     return result
@@ -176,6 +199,34 @@ async def _kill_leftovers(result: RunResult) -> None:
             f"{plural(len(survivors), 'agent process', 'agent processes')} of this run "
             f"could not be killed (pids {', '.join(map(str, survivors[:10]))}); they may "
             "still be writing under the output dir.")
+
+
+async def _base_commit(spec: DispatchSpec) -> str:
+    try:
+        return await base_commit(spec.root)
+    except (GitError, OSError) as exc:
+        raise DispatchError(f"{spec.display}: {exc}") from None
+
+
+async def _settle_worktrees(result: RunResult, isolated: IsolatedRunner) -> None:
+    """Each succeeded isolated task's changes onto its record; the run's worktrees go."""
+    for rec in result.records:
+        if rec.status == TaskStatus.SUCCEEDED:
+            rec.changes = isolated.changes.get(rec.id)
+    await isolated.close(result.run_id)
+
+
+async def _merge(result: RunResult, isolated: IsolatedRunner, progress: Progress,
+                 state: State) -> None:
+    """The merge queue (merge.py), once every task is done; a task it could not merge is
+    recorded as such, so `--resume` and the daemon run it again."""
+    for rec in result.records:
+        if rec.status == TaskStatus.SUCCEEDED:
+            rec.changes = isolated.changes.get(rec.id)
+    await merge_changes(result, progress)
+    for rec in result.records:
+        if rec.status in MERGE_PROBLEMS:
+            state.record(rec.id, status=rec.status, finished_run=result.run_id)
 
 
 def _open_output_dir(spec: DispatchSpec, state: State, result: RunResult) -> None:
@@ -246,7 +297,8 @@ def _finish(result: RunResult, state: State) -> None:
         clean_staging(result.spec, result.run_id)
     try:
         state.update_run(finished_at=result.finished_at, status=result.status,
-                         **{k: result.count(k) for k in COUNTED})
+                         **{k: result.count(k) for k in COUNTED
+                            if k not in MERGE_PROBLEMS or result.count(k)})
         state.save()
     except OSError as exc:
         result.notes.append(
@@ -276,10 +328,11 @@ def _write_reports_elsewhere(result: RunResult, exc: OSError) -> None:
     result.report_md_path, result.report_json_path = md, js
 
 
-async def _interrupt_on_signals(scheduler: Scheduler) -> None:
+async def _interrupt_on_signals(scheduler: Scheduler, merging: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             scheduler.interrupt(f"interrupted by {signal.Signals(signum).name}")
+            merging.cancel()
 
 
 async def _tick(redraw: Any) -> None:

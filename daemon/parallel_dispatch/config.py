@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -28,7 +29,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError, Diagnostic
-from .model import MAX_PARALLEL, InputsMode, OnFailure, Settings
+from .model import MAX_PARALLEL, InputsMode, Isolation, MergeMode, OnFailure, Settings
 from .presets import RunnerName
 from .pricing import Price
 from .probe import exists
@@ -66,6 +67,9 @@ class RunnerConfig(BaseModel):
     read_timeout: Annotated[float, Field(gt=0)] | None = None
     max_parallel: Annotated[StrictInt, Field(ge=1, le=MAX_PARALLEL)] | None = None
     """`[runners.R]`: the runner's pool (adaptive); `[agents.X]`: a fixed cap per agent."""
+    shared_state: StrictBool | None = None
+    """True: the client uses the user's own state dir (runners/client_state.py), not a
+    private copy per attempt."""
 
 
 class AgentConfig(RunnerConfig):
@@ -89,7 +93,8 @@ class AgentConfig(RunnerConfig):
     @model_validator(mode="after")
     def _preset_keys_fit(self) -> AgentConfig:
         if self.is_command:
-            preset_only = {"model", "args", "base_url", "api_key_env", "read_timeout"}
+            preset_only = {"model", "args", "base_url", "api_key_env", "read_timeout",
+                           "shared_state"}
             given = sorted(preset_only & self.model_fields_set)
             if given:
                 raise ValueError(f"only runner presets use {', '.join(given)}; "
@@ -171,18 +176,33 @@ class ResolvedSettings:
     estimate_cost_usd: float | None = None
     """What an attempt with no recorded cost reserves (budget.py)."""
     estimate_tokens: int | None = None
+    isolation: Isolation = "none"
+    """Every task's default `isolation` (a task's own wins)."""
+    merge: MergeMode = "none"
+    """What happens to the isolated tasks' patches after the run (merge.py)."""
+    verify: tuple[str, ...] | str | None = None
+    """Run after each merged task: an argv, or (a str) a command line for /bin/sh -c."""
+    verify_timeout: int = 600_000
 
     def to_json(self) -> dict[str, Any]:
         # The budget keys added with issue 10 appear only when set: reports of runs
         # without them read byte for byte as before (tests/golden).
-        extra = {k: v for k, v in (("max_tokens", self.max_tokens),
-                                   ("warn_cost_usd", self.warn_cost_usd),
-                                   ("estimate_cost_usd", self.estimate_cost_usd),
-                                   ("estimate_tokens", self.estimate_tokens)) if v is not None}
+        extra: dict[str, Any] = {k: v for k, v in (
+            ("max_tokens", self.max_tokens), ("warn_cost_usd", self.warn_cost_usd),
+            ("estimate_cost_usd", self.estimate_cost_usd),
+            ("estimate_tokens", self.estimate_tokens)) if v is not None}
         if self.max_quota_wait != BUILTIN_DEFAULTS["max_quota_wait"]:
             extra["max_quota_wait"] = self.max_quota_wait
         if not self.adaptive_parallel:
             extra["adaptive_parallel"] = False
+        if self.isolation != "none":
+            extra["isolation"] = self.isolation
+        if self.merge != "none":
+            extra["merge"] = self.merge
+        if self.verify is not None:
+            extra["verify"] = ({"shell": self.verify} if isinstance(self.verify, str)
+                               else list(self.verify))
+            extra["verify_timeout"] = self.verify_timeout
         return {
             "max_parallel": self.max_parallel,
             "timeout_per_task": self.timeout_per_task,
@@ -194,6 +214,17 @@ class ResolvedSettings:
             "idle_timeout": self.idle_timeout,
             **extra,
         }
+
+
+def git_toplevel(root: Path) -> Path | None:
+    """The working tree `root` lies in (the nearest folder up with a `.git`), or None.
+
+    A file walk, not `git rev-parse`: validation must not start processes."""
+    here = root.resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".git").exists():
+            return folder
+    return None
 
 
 def find_project_root(task_file: Path, cwd: Path | None = None) -> Path:
@@ -401,7 +432,18 @@ def resolve_settings(
         estimate_cost_usd=(float(merged["estimate_cost_usd"])
                            if merged.get("estimate_cost_usd") is not None else None),
         estimate_tokens=merged.get("estimate_tokens"),
+        isolation=merged.get("isolation", "none"),
+        merge=merged.get("merge", "none"),
+        verify=_verify(merged.get("verify")),
+        verify_timeout=int(merged.get("verify_timeout", 600_000)),
     )
+
+
+def _verify(value: Any) -> tuple[str, ...] | str | None:
+    """`verify` as validated (a list, or `{shell: ...}` dumped to a dict) made immutable."""
+    if isinstance(value, dict):
+        return str(value["shell"])
+    return tuple(value) if value is not None else None
 
 
 def _normpath(p: Path) -> str:

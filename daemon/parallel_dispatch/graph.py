@@ -81,14 +81,11 @@ class Graph:
 
     def descendants(self, start: int) -> list[int]:
         """Every task that (transitively) depends on `start`."""
-        seen: set[int] = set()
-        stack = list(self.children[start])
-        while stack:
-            i = stack.pop()
-            if i not in seen:
-                seen.add(i)
-                stack.extend(self.children[i])
-        return sorted(seen)
+        return sorted(_reach(self.children, start))
+
+    def ancestors(self, start: int) -> set[int]:
+        """Every task `start` (transitively) depends on."""
+        return _reach(self.deps, start)
 
 
 def topological_order(
@@ -190,3 +187,14 @@ def _cycle_in(component: set[int], deps: Sequence[Sequence[int]]) -> list[int]:
             return cycle
         seen[node] = len(path)
         path.append(node)
+
+
+def _reach(edges: Sequence[Sequence[int]], start: int) -> set[int]:
+    seen: set[int] = set()
+    stack = list(edges[start])
+    while stack:
+        i = stack.pop()
+        if i not in seen:
+            seen.add(i)
+            stack.extend(edges[i])
+    return seen

@@ -37,8 +37,23 @@ def compose_prompt(spec: DispatchSpec, index: int, mode: InputsMode | None = Non
         if mode == "inline":
             parts.append("")
             parts.append(_inline(path, spec.tasks[j].is_directory))
+        if spec.isolation(j) == "worktree":
+            parts.extend(_changes(spec.patch_path(j), mode,
+                                  applied=spec.isolation(index) == "worktree"))
         parts.append("")
     return "\n".join(parts)
+
+
+def _changes(patch: Path, mode: InputsMode, applied: bool) -> list[str]:
+    """An isolated dependency's patch: already applied in this task's worktree, shown so
+    the agent knows what changed (capped like any input)."""
+    if not patch.is_file():
+        return ["", "Changes: none (it changed no files)"]
+    where = " (already applied in your working tree)" if applied else ""
+    lines = ["", f"Changes{where}: {patch}"]
+    if mode == "inline":
+        lines += ["", _fenced(_read_capped(patch))]
+    return lines
 
 
 def _inline(path: Path, is_directory: bool) -> str:

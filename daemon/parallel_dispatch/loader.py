@@ -21,7 +21,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from .agents import SHELL_AGENT
-from .config import ProjectConfig, find_project_root, load_config, resolve_settings
+from .config import (
+    ProjectConfig,
+    find_project_root,
+    git_toplevel,
+    load_config,
+    resolve_settings,
+)
 from .errors import ConfigError, Diagnostic, TaskFileError
 from .graph import Graph, find_cycles
 from .model import (
@@ -112,6 +118,7 @@ def _load_spec(
         checker.check_overrides(overrides or {})
         checker.check_outputs(settings.output_dir)
         agents = checker.check_agents(config)
+        checker.check_isolation(root, settings.isolation)
         if model is not None and not checker.diagnostics:
             graph = Graph.build([t.id for t in model.tasks], checker.edges)
             spec = DispatchSpec(
@@ -355,6 +362,27 @@ class _Checker:
             self.add(loc, problem)
             return None
         return norm
+
+    def check_isolation(self, root: Path, default: str) -> None:
+        """`isolation: worktree` needs a git repository around the project root."""
+        data = self.doc.data
+        raw_settings = data.get("settings") if isinstance(data, dict) else None
+        from_file = (isinstance(raw_settings, dict)
+                     and raw_settings.get("isolation") == "worktree")
+        where: list[tuple[str | int, ...]] = []
+        for i, raw in enumerate(self.raw_tasks):
+            own = raw.get("isolation") if isinstance(raw, dict) else None
+            if own == "worktree":
+                where.append(("tasks", i, "isolation"))
+            elif own is None and default == "worktree" and not from_file:
+                where.append(("tasks", i))  # the default comes from dispatch.toml
+        if from_file:
+            where.insert(0, ("settings", "isolation"))
+        if not where or git_toplevel(root) is not None:
+            return
+        for loc in where:
+            self.add(loc, "isolation: worktree needs a git repository; run `git init` or "
+                          f"remove it ({root} is not in one)")
 
     def check_agents(self, config: ProjectConfig) -> list[Any]:
         """Resolve every task's agent (None where it does not resolve)."""

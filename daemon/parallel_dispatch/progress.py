@@ -29,6 +29,7 @@ class Progress(Protocol):
     def task_waiting(self, rec: TaskRecord, pool: str, wait_s: float) -> None: ...
     def task_finished(self, rec: TaskRecord) -> None: ...
     def note(self, text: str) -> None: ...
+    def task_merged(self, rec: TaskRecord, text: str) -> None: ...
     def run_finished(self, result: RunResult) -> None: ...
 
 
@@ -40,6 +41,7 @@ class NullProgress:
     def task_waiting(self, rec: TaskRecord, pool: str, wait_s: float) -> None: ...
     def task_finished(self, rec: TaskRecord) -> None: ...
     def note(self, text: str) -> None: ...
+    def task_merged(self, rec: TaskRecord, text: str) -> None: ...
     def run_finished(self, result: RunResult) -> None: ...
 
 
@@ -115,12 +117,19 @@ class PlainProgress:
     def note(self, text: str) -> None:
         self._line(f"! {text}")
 
+    def task_merged(self, rec: TaskRecord, text: str) -> None:
+        """The merge queue's word on one task (merge.py): merged, conflict, reverted."""
+        mark = MARKS.get(rec.status, "") if rec.status != TaskStatus.SUCCEEDED else "⤵"
+        self._line(f"{mark} {rec.id} {text}")
+
     def run_finished(self, result: RunResult) -> None:
         count = result.count
         counts = [f"{count(TaskStatus.SUCCEEDED)} succeeded", f"{count(TaskStatus.CACHED)} cached",
                   f"{count(TaskStatus.FAILED)} failed", f"{count(TaskStatus.TIMEOUT)} timed out"]
         for status, label in ((TaskStatus.PROVIDER_ERROR, "provider errors"),
-                              (TaskStatus.STALLED, "stalled")):
+                              (TaskStatus.STALLED, "stalled"),
+                              (TaskStatus.CONFLICT, "conflicts"),
+                              (TaskStatus.MERGE_FAILED, "failed verify")):
             if count(status):
                 counts.append(f"{count(status)} {label}")
         counts += [f"{count(TaskStatus.SKIPPED)} skipped",

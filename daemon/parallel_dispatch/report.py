@@ -117,6 +117,8 @@ def to_json(result: RunResult) -> dict[str, Any]:
             "log_tail": log_tail(r.log_path) if r.status in PROBLEMS else [],
         }
         entry.update({**costs.EMPTY, **r.metrics})
+        if spec.isolation(r.index) == "worktree":  # only then: other reports as before
+            entry["changes"] = r.changes
         if r.quota_waits:  # only then: reports of runs never limited read as before
             entry["quota_waits"] = r.quota_waits
             entry["quota_wait_s"] = round(r.quota_wait_s, 3)
@@ -153,6 +155,12 @@ def to_json(result: RunResult) -> dict[str, Any]:
         "waves": waves(result),
         "tasks": tasks,
     }
+    if result.base_commit is not None:
+        data["base_commit"] = result.base_commit
+    if result.merge is not None:  # only with `merge: apply | branch`
+        data["summary"]["conflicts"] = result.count(TaskStatus.CONFLICT)
+        data["summary"]["merge_failed"] = result.count(TaskStatus.MERGE_FAILED)
+        data["merge"] = result.merge
     if result.pools:
         data["summary"]["waited_for_quota"] = sum(1 for t in tasks if t.get("quota_waits"))
         data["pools"] = result.pools
@@ -226,6 +234,8 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
                 lines += ["", f"Last lines of `{rel_path(Path(t['log_path']), root)}`:", "",
                           "```text", *t["log_tail"], "```"]
             lines.append("")
+    lines += _changes_markdown(data)
+    lines += _merge_markdown(data)
     lines += ["", "## Outputs"]
     outs = [t for t in data["tasks"] if t["status"] in (TaskStatus.SUCCEEDED, TaskStatus.CACHED)]
     for t in outs:
@@ -237,6 +247,63 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
     if gantt:
         lines += ["", "## Timeline chart", "", *gantt]
     return "\n".join(lines) + "\n"
+
+
+def _changes_markdown(data: dict[str, Any]) -> list[str]:
+    """Isolated tasks' changes: files, lines +/-, and the patch (relative to the report)."""
+    isolated = [t for t in data["tasks"] if "changes" in t]
+    if not isolated:
+        return []
+    lines = ["", "## Changes", "", f"Base commit: `{data.get('base_commit')}`", "",
+             "| Task | Files | Lines | Patch |", "|------|-------|-------|-------|"]
+    for t in isolated:
+        c = t["changes"]
+        if c is None:
+            lines.append(f"| {t['id']} | — | — | (not captured: {t['status']}) |")
+        elif c["patch"] is None:
+            lines.append(f"| {t['id']} | — | — | no changes |")
+        else:
+            shown = ", ".join("`" + _md_escape_line(f).replace("|", "\\|") + "`"
+                              for f in c["files"][:MAX_FILES_SHOWN])
+            more = len(c["files"]) - MAX_FILES_SHOWN
+            if more > 0:
+                shown += f" and {more} more"
+            lines.append(f"| {t['id']} | {shown} | +{c['added']} −{c['removed']} | "
+                         f"[{c['patch']}]({c['patch']}) |")
+    return lines
+
+
+def _merge_markdown(data: dict[str, Any]) -> list[str]:
+    """What the merge queue did: the branch and its commits, or what was applied;
+    conflicts with their files; verify failures."""
+    merge = data.get("merge")
+    if merge is None:
+        return []
+    lines = ["", "## Merge", "", f"Mode: {merge['mode']}" + (
+        f" · branch `{merge['branch']}`" if merge.get("branch") else "")]
+    if merge.get("stopped"):
+        lines += ["", f"Stopped: {_md_escape_line(merge['stopped'])}"]
+    rows = [(c["task"], f"commit `{c['sha'][:12]}`") for c in merge["commits"]]
+    rows += [(t, "applied to the working tree") for t in merge.get("applied", [])]
+    rows += [(t, "nothing left to merge") for t in merge["unchanged"]]
+    rows += [(c["task"], f"{MARKS[TaskStatus.CONFLICT]} conflict"
+              + (f": {', '.join(f'`{f}`' for f in c['files'])}" if c["files"] else ""))
+             for c in merge["conflicts"]]
+    verify = merge.get("verify")
+    if verify is not None:
+        rows += [(f["task"], f"{MARKS[TaskStatus.MERGE_FAILED]} verify "
+                  + ("timed out" if f["timed_out"] else f"failed (exit {f['exit_code']})")
+                  + ", reverted") for f in verify["failed"]]
+    if not rows:
+        lines += ["", "Nothing to merge: no isolated task changed files."]
+        return lines
+    lines += ["", "| Task | Result |", "|------|--------|"]
+    lines += [f"| {task} | {_md_escape_line(text)} |" for task, text in rows]
+    return lines
+
+
+MAX_FILES_SHOWN = 20
+"""Files named per task in the Markdown report; the JSON report lists them all."""
 
 
 def _efficiency(value: float | None) -> str:

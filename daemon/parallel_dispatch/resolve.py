@@ -163,6 +163,8 @@ class AgentResolver:
             notes=tuple(notes),
             max_parallel=own.max_parallel if cfg is not None else None,
             runner_max_parallel=base.max_parallel,
+            shared_state=bool(base.shared_state if own.shared_state is None
+                              else own.shared_state),
         )
 
     # -- messages -------------------------------------------------------------

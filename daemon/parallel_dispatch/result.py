@@ -42,6 +42,11 @@ class TaskStatus(StrEnum):
     WAITING_FOR_QUOTA = "waiting_for_quota"
     """Live only: refused by its provider's rate or usage limit, waiting for its pool to
     reopen; no retry is used up.  A run never ends with a task in it."""
+    CONFLICT = "conflict"
+    """Succeeded, but its changes did not apply on top of the tasks merged before it
+    (`merge: apply | branch`, merge.py): its patch is kept, not merged."""
+    MERGE_FAILED = "merge_failed"
+    """Succeeded and merged, but `verify` failed after it: its merge was reverted."""
 
     @property
     def mark(self) -> str:
@@ -73,13 +78,18 @@ MARKS: dict[str, str] = {
     TaskStatus.CACHED: "≡", TaskStatus.FAILED: "✗", TaskStatus.TIMEOUT: "⏱",
     TaskStatus.PROVIDER_ERROR: "⚠", TaskStatus.STALLED: "⏸", TaskStatus.SKIPPED: "↷",
     TaskStatus.CANCELLED: "⊘", TaskStatus.PLANNED: "·", TaskStatus.WAITING_FOR_QUOTA: "⧗",
+    TaskStatus.CONFLICT: "⇆", TaskStatus.MERGE_FAILED: "↶",
 }
 """The one table of status marks (progress lines, the Markdown report); keyed by
 `TaskStatus`, so a status read back from a report's JSON finds its mark too."""
 
+MERGE_PROBLEMS = (TaskStatus.CONFLICT, TaskStatus.MERGE_FAILED)
+"""Set after the run by the merge queue: the task's output is there, its changes were
+not merged.  The state file counts them only when non-zero (runs without a merge read as
+before)."""
 PROBLEMS = (TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.PROVIDER_ERROR,
-            TaskStatus.STALLED)
-"""The task ran and produced no output."""
+            TaskStatus.STALLED, *MERGE_PROBLEMS)
+"""The task ran and its result is not usable (no output, or its changes not merged)."""
 COUNTED = (TaskStatus.SUCCEEDED, TaskStatus.CACHED, *PROBLEMS, TaskStatus.SKIPPED,
            TaskStatus.CANCELLED)
 """Every status a finished task of a real run can have, in report order."""
@@ -88,7 +98,9 @@ OK = frozenset({TaskStatus.SUCCEEDED, TaskStatus.CACHED, TaskStatus.PLANNED})
 
 VERBS: dict[str, str] = {TaskStatus.TIMEOUT: "timed out", TaskStatus.FAILED: "failed",
          TaskStatus.PROVIDER_ERROR: "hit a provider error", TaskStatus.STALLED: "stalled",
-         TaskStatus.CANCELLED: "was cancelled", TaskStatus.SKIPPED: "was skipped"}
+         TaskStatus.CANCELLED: "was cancelled", TaskStatus.SKIPPED: "was skipped",
+         TaskStatus.CONFLICT: "could not be merged (conflict)",
+         TaskStatus.MERGE_FAILED: "failed verify after merging"}
 """How a status reads after a task id: "task 'a' timed out"."""
 
 
@@ -126,6 +138,10 @@ class TaskRecord:
     """Time spent waiting for quota, summed."""
     quota_since: float | None = field(default=None, repr=False)
     """When the current wait began (scheduler clock), while waiting."""
+    changes: dict[str, Any] | None = None
+    """An isolated task's changes: `{"patch": "changes/<id>.patch" or None, "files": [...],
+    "added": N, "removed": N}` (runners/isolated.py); None when it is not isolated or did
+    not succeed in this run."""
 
     @property
     def output_path(self) -> Path:
@@ -159,6 +175,11 @@ class RunResult:
     """Run-level remarks for both reports (e.g. the cost budget stopped new tasks)."""
     pools: list[dict[str, Any]] = field(default_factory=list)
     """Each runner and agent pool at the end of the run (quota.py `Pool.snapshot`)."""
+    base_commit: str | None = None
+    """`git rev-parse HEAD` of the project when the run started, which isolated tasks'
+    worktrees start from; None when no task is isolated."""
+    merge: dict[str, Any] | None = None
+    """What the merge queue did (merge.py), for the reports; None with `merge: none`."""
 
     def count(self, status: TaskStatus) -> int:
         return sum(1 for r in self.records if r.status == status)

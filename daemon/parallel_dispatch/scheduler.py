@@ -781,7 +781,9 @@ class Scheduler:
 def _write_pools(spec: DispatchSpec, governor: Governor) -> dict[int, list[Pool]]:
     """A one-slot pool per pair of tasks whose `writes:` clash: the two never run at the
     same time, while each still runs beside everything else (a clash is not transitive)."""
-    writes = [t.writes for t in spec.tasks]
+    # An isolated task works in its own worktree: its writes cannot clash with anyone's.
+    writes = [[] if spec.isolation(i) == "worktree" else t.writes
+              for i, t in enumerate(spec.tasks)]
     pools: dict[int, list[Pool]] = {}
     if not any(writes):
         return pools

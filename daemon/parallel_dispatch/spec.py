@@ -10,8 +10,10 @@ from pathlib import Path
 from .agents import AgentSpec
 from .config import ProjectConfig, ResolvedSettings
 from .graph import Graph
-from .model import InputsMode, Task
+from .model import InputsMode, Isolation, Task
 
+CHANGES_DIR = "changes"
+"""Under the output dir: `<task id>.patch` for each isolated task that changed files."""
 STDOUT_FILE_IN_DIR = "output.md"
 """Where stdout goes when a task's output is a directory (`api/` → `api/output.md`)."""
 
@@ -87,6 +89,18 @@ class DispatchSpec:
 
     def inputs_mode(self, i: int) -> InputsMode:
         return self.tasks[i].inputs or self.agents[i].inputs
+
+    def isolation(self, i: int) -> Isolation:
+        """A task's own `isolation` wins over the settings'."""
+        return self.tasks[i].isolation or self.settings.isolation
+
+    @cached_property
+    def any_isolated(self) -> bool:
+        return any(self.isolation(i) == "worktree" for i in range(len(self.tasks)))
+
+    def patch_path(self, i: int) -> Path:
+        """Where an isolated task's changes go (`changes/<id>.patch`)."""
+        return Path(f"{self.settings.output_dir}/{CHANGES_DIR}/{self.tasks[i].id}.patch")
 
     def output_path(self, i: int) -> Path:
         """Absolute final output path (a directory for `dir/` outputs)."""

@@ -78,7 +78,8 @@ def _render(spec: DispatchSpec, order: Sequence[str], critical: Sequence[str],
 
 def _exclusions(spec: DispatchSpec) -> list[str]:
     """Pairs of tasks whose `writes:` clash: the run never has both going at once."""
-    writes = [t.writes for t in spec.tasks]
+    writes = [[] if spec.isolation(i) == "worktree" else t.writes
+              for i, t in enumerate(spec.tasks)]
     if not any(writes):
         return []
     pairs = clashes(writes)

@@ -169,7 +169,8 @@ def _counts(report: Mapping[str, Any]) -> dict[str, int]:
     return {
         "succeeded": int(s.get("succeeded", 0)),
         "failed": (int(s.get("failed", 0)) + int(s.get("timed_out", 0))
-                   + int(s.get("provider_errors", 0)) + int(s.get("stalled", 0))),
+                   + int(s.get("provider_errors", 0)) + int(s.get("stalled", 0))
+                   + int(s.get("conflicts", 0)) + int(s.get("merge_failed", 0))),
         "skipped": int(s.get("skipped", 0)) + int(s.get("cancelled", 0)),
     }
 

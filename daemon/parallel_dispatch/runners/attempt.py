@@ -103,9 +103,10 @@ class AttemptRunner:
             "DISPATCH_INPUTS": inputs_env(job.input_paths()),
             "DISPATCH_ATTEMPT": str(job.attempt),
             "DISPATCH_PROJECT": str(job.spec.root),
-            # The agent runs in the project root; Node and Bun tools (opencode) resolve
-            # their project from $PWD, so it must not be the dispatcher's own folder.
-            "PWD": str(job.spec.root),
+            # The agent runs in the project root (or its worktree); Node and Bun tools
+            # (opencode) resolve their project from $PWD, so it must not be the
+            # dispatcher's own folder.
+            "PWD": str(job.workdir or job.spec.root),
         })
         return env
 

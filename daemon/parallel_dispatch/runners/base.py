@@ -28,6 +28,8 @@ class Job:
     run_id: str
     activity: Activity | None = field(default=None, compare=False)
     """Where the runner reports the agent's live output and events (None: nobody asks)."""
+    workdir: Path | None = None
+    """Where the agent runs when not in the project root (its git worktree, `isolation`)."""
 
     @property
     def task(self) -> Task:

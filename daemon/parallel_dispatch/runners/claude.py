@@ -20,7 +20,11 @@ Verified against the real **Claude Code 2.1.332** pointed at a local Anthropic A
 * the last `result` event is the outcome; `api_error_status` / `api_error` say when
   the provider (not the agent) failed.  A 429 after a `rejected` `rate_limit_event`
   (claude.ai plan limits, which claude does not retry) is a usage quota that resets at
-  the event's `resetsAt`: the task waits for quota until then (issue 10).
+  the event's `resetsAt`: the task waits for quota until then (issue 10);
+* each attempt has its own `CLAUDE_CONFIG_DIR` (a private copy of `.claude.json`,
+  settings and memory; credentials read in place through
+  `CLAUDE_SECURESTORAGE_CONFIG_DIR`), so parallel runs never write the user's
+  `~/.claude.json` (client_state.py; `shared_state = true` turns it off).
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..agentdefs import split_tools
 from ..events import CAUSES, AgentEvent, Cause
+from .client_state import claude_state
 from .preset import (
     AUTH_PATTERNS,
     Call,
@@ -116,6 +123,9 @@ class ClaudeRunner(PresetRunner):
     install_hint = ("install Claude Code (npm install -g @anthropic-ai/claude-code) or set "
                     "command = [\"/path/to/claude\"] in [runners.claude]")
     auth_hint = "run `claude` and log in with /login, or set ANTHROPIC_API_KEY"
+
+    def private_state(self, env: Mapping[str, str], folder: Path) -> dict[str, str]:
+        return claude_state(env, folder)
 
     def build(self, call: Call) -> Invocation:
         agent = call.agent

@@ -13,17 +13,24 @@ Verified against the real **codex-cli 0.171.0** run on a local Responses API stu
   progress: codex prints `Reconnecting... 2/5 (...)` while it retries a dropped stream
   or falls back from WebSockets to HTTPS, and then often succeeds;
 * its retries are read live (`watch`): the first one caused by a 401/403 ends the task
-  at once as bad credentials (codex itself would retry five times first).
+  at once as bad credentials (codex itself would retry five times first);
+* each attempt has its own `CODEX_HOME` (config.toml and instructions copied, auth.json
+  and the user's prompts, rules and skills linked), so sessions, history and codex's
+  databases of parallel runs stay apart; not where credentials are kept in the keyring
+  (client_state.py; `shared_state = true` turns it off).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from ..events import AgentEvent, Cause
+from .client_state import codex_state
 from .preset import (
     Call,
     Invocation,
@@ -165,6 +172,9 @@ class CodexRunner(PresetRunner):
     install_hint = ("install the Codex CLI (npm install -g @openai/codex) or set "
                     "command = [\"/path/to/codex\"] in [runners.codex]")
     auth_hint = "run `codex login`, or set CODEX_API_KEY (or your provider's env_key)"
+
+    def private_state(self, env: Mapping[str, str], folder: Path) -> dict[str, str] | None:
+        return codex_state(env, folder)
 
     def build(self, call: Call) -> Invocation:
         agent = call.agent

@@ -105,7 +105,7 @@ class CommandRunner(AttemptRunner):
                         nursery.start_soon(_watch_growth, job.activity, out, log)
                     try:  # inside the nursery, or the error reaches us wrapped in a group
                         result = await run_in_group(
-                            argv, cwd=str(job.spec.root), env=env,
+                            argv, cwd=str(job.workdir or job.spec.root), env=env,
                             stdin=stdin, stdout=out, stderr=log, grace=self.grace,
                             **self.registry_hooks(job))
                     except OSError as exc:

@@ -170,7 +170,7 @@ class OpencodeRunner(PresetRunner):
         # `opencode run` works in $PWD (before its cwd), so $PWD must be the project root,
         # not wherever the dispatcher was started: that is where its tools act and where
         # it looks for .opencode/agent/.
-        env: dict[str, str] = {"PWD": str(call.job.spec.root)}
+        env: dict[str, str] = {"PWD": str(call.job.workdir or call.job.spec.root)}
         files: dict[Path, str] = {}
         d = agent.definition
         native = native_agent(call)

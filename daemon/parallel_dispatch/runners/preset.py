@@ -21,7 +21,7 @@ import re
 import shlex
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -241,6 +241,14 @@ class Call:
         self._temps.append(path)
         return path
 
+    def statedir(self, runner: str) -> Path:
+        """A private folder (0700) for the tool's own state, in the scratch folder: not
+        under TMPDIR, where codex sets up no sandbox helper (`bwrap: execvp
+        codex-linux-sandbox` fails every shell call); removed by `cleanup`."""
+        path = Path(tempfile.mkdtemp(prefix=f"{runner}-state-", dir=self.scratch))
+        self._temps.append(path)
+        return path
+
     def cleanup(self) -> None:
         for path in self._temps:
             shutil.rmtree(path, ignore_errors=True)
@@ -300,6 +308,17 @@ class PresetRunner(AttemptRunner):
         return Parsed(ok=False, cause=cause, retryable=retryable, retry_after=retry_after,
                       error=f"{CAUSES[cause]}: {message.strip()}{hint}")
 
+    def private_state(self, env: Mapping[str, str], folder: Path) -> dict[str, str] | None:
+        """Variables that point the tool at a private copy of the user's client state,
+        made in `folder` (client_state.py); None where the tool keeps its state shared."""
+        return None
+
+    def _private_state(self, call: Call, env: Mapping[str, str]) -> dict[str, str]:
+        if call.agent.shared_state or \
+                type(self).private_state is PresetRunner.private_state:
+            return {}
+        return self.private_state(env, call.statedir(self.name)) or {}
+
     def describe(self, job: Job) -> str:
         call = self._call(job, _staging_guess(job), show=True)
         inv = self.build(call)
@@ -331,6 +350,13 @@ class PresetRunner(AttemptRunner):
                                         f"'{job.task.agent}', {job.agent.source}); "
                                         f"{self.install_hint}", retryable=False)
             call.scratch.mkdir(parents=True, exist_ok=True)
+            try:
+                env.update(self._private_state(call, env))
+            except OSError as exc:
+                return self.failed(log, f"cannot copy {self.name}'s own state for this "
+                                        f"attempt: {io_error_message(exc, job)}; or set "
+                                        f"shared_state = true in [runners.{self.name}]",
+                                   retryable=is_transient(exc))
             for path, text in inv.files.items():
                 path.write_text(text, encoding="utf-8")
             capture = call.scratch / "stdout"
@@ -398,7 +424,8 @@ class PresetRunner(AttemptRunner):
                 with trio.CancelScope() as stop:
                     watcher.stop_scope = stop
                     result = await run_in_group(
-                        inv.argv, cwd=str(job.spec.root), env=env, stdin=inv.stdin.encode(),
+                        inv.argv, cwd=str(job.workdir or job.spec.root), env=env,
+                        stdin=inv.stdin.encode(),
                         stdout=w_out, stderr=w_err, grace=self.grace, **hooks)
                 if stop.cancelled_caught:
                     result = Exit(-1, -1)
