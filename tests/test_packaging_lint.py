@@ -70,6 +70,7 @@ def test_action_inputs_reach_the_command_only_through_env() -> None:
         "report",
         "report-json",
         "comment-url",
+        "branch",
     }
 
 

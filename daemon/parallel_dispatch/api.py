@@ -47,9 +47,9 @@ from .result import (
 from .runners import DryRunRunner, Runner, RunnerSet
 from .runners.isolated import IsolatedRunner
 from .scheduler import Scheduler
-from .spec import DispatchSpec
+from .spec import CHANGES_DIR, DispatchSpec
 from .state import State
-from .worktree import GitError, base_commit, clean_leftovers
+from .worktree import GitError, base_commit, clean_leftovers, git
 
 
 def new_run_id() -> str:
@@ -213,7 +213,36 @@ async def _settle_worktrees(result: RunResult, isolated: IsolatedRunner) -> None
     for rec in result.records:
         if rec.status == TaskStatus.SUCCEEDED:
             rec.changes = isolated.changes.get(rec.id)
+    await _cached_changes(result)
     await isolated.close(result.run_id)
+
+
+async def _cached_changes(result: RunResult) -> None:
+    """A `cached` isolated task's changes are its kept patch from the run that made it:
+    without them an incremental run (`--resume`, the daemon) would leave that task's
+    changes off the merge branch, and its dependents' patches, which assume them, would
+    conflict."""
+    spec = result.spec
+    for i, rec in enumerate(result.records):
+        if (rec.status != TaskStatus.CACHED or rec.changes is not None
+                or spec.isolation(i) != "worktree"):
+            continue
+        patch = spec.patch_path(i)
+        if not patch.is_file():
+            continue
+        try:
+            numstat = await git(["apply", "--numstat", "-z", str(patch.resolve())], spec.root)
+        except (GitError, OSError):
+            continue  # not a patch git reads: the merge would fail on it the same way
+        files, added, removed = [], 0, 0
+        for entry in numstat.split(b"\0"):
+            if entry.count(b"\t") >= 2:
+                plus, minus, name = entry.decode("utf-8", "surrogateescape").split("\t", 2)
+                files.append(name)
+                added += int(plus) if plus.isdigit() else 0  # "-" for a binary file
+                removed += int(minus) if minus.isdigit() else 0
+        rec.changes = {"patch": f"{CHANGES_DIR}/{rec.id}.patch", "files": files,
+                       "added": added, "removed": removed}
 
 
 async def _merge(result: RunResult, isolated: IsolatedRunner, progress: Progress,
@@ -223,7 +252,8 @@ async def _merge(result: RunResult, isolated: IsolatedRunner, progress: Progress
     for rec in result.records:
         if rec.status == TaskStatus.SUCCEEDED:
             rec.changes = isolated.changes.get(rec.id)
-    await merge_changes(result, progress)
+    await _cached_changes(result)
+    await merge_changes(result, progress, isolated)
     for rec in result.records:
         if rec.status in MERGE_PROBLEMS:
             state.record(rec.id, status=rec.status, finished_run=result.run_id)

@@ -473,7 +473,7 @@ def _name_problem(out: str, norm: str, output_dir: Path) -> str | None:
     if (top in RESERVED_OUTPUTS or top.startswith(".dispatch")
             or STAGED_NAME.match(norm.rpartition("/")[2])):
         return (f"output {_quoted(out)} is reserved for dispatch's own files (reports, logs/, "
-                "state, staging); rename it")
+                "changes/, state, staging); rename it")
     # A UTF-8 character takes at most 4 bytes: most paths need no encoding to be sure.
     for part in norm.split("/") if len(norm) * 4 > MAX_NAME_BYTES else ():
         if len(part.encode()) > MAX_NAME_BYTES:

@@ -10,6 +10,20 @@ worktree at the base commit (`.aiwg/worktrees/<run id>/_merge/`), each committed
   `conflict`, naming the files git names; so does a task that builds on the changes of
   one that was not merged (its patch assumes them).  The other merges go on, unless
   `on_failure: stop`;
+* re-run: once every task was tried (and the queue was not stopped), each task whose
+  patch git could not apply and that has retries left (`spec.max_attempts` minus its
+  attempts) runs once more, through the isolated runner (`IsolatedRunner.rerun_at`: a
+  fresh worktree at the scratch worktree's HEAD, so the merged state, dependencies
+  included), under its own `timeout` as a cancel scope, one at a time in merge order so
+  each starts from what the ones before it merged.  Its prompt ends with
+  `conflict_note` (files, git's message; `#` comments for `inputs: none` agents, whose
+  prompt is a script).  Its new patch goes through `_merge_one` like any: merged, the
+  task is `succeeded` with the reason `RERUN_NOTE`; a second conflict, a failure or a
+  timeout leave it `conflict`.  `summary["reruns"]` (only when one ran) lists them.  Not
+  re-run: tasks that only build on an unmerged one (their patch assumes its old
+  changes), verify failures, `apply`'s conflicts with the user's own edits.  The
+  re-run's cost joins the task's metrics but is not checked against `max_cost_usd`, and
+  it has no `idle_timeout` (the scheduler's, not used here);
 * `verify`, if set, runs after each commit in the scratch worktree (its own process
   group, killed on timeout); a failure resets that commit away and makes the task
   `merge_failed`, its output appended to the task's log;
@@ -30,20 +44,22 @@ unless the loop finished.  git's own hooks and commit signing are off (worktree.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
-from . import worktree
+from . import pricing, worktree
 from .config import git_toplevel
 from .process import run_in_group
 from .progress import Progress
 from .result import RunResult, TaskRecord, TaskStatus
+from .runners.base import Job, Outcome
 
 MERGE_DIR = "_merge"
 """The scratch worktree's folder in the run's worktree folder (task ids cannot start
@@ -69,6 +85,18 @@ _CONFLICT_PATTERNS = (
     re.compile(r"^error: (.+): does not exist in working tree$"),
 )
 """The lines in which `git apply` (LC_ALL=C) names a file it could not apply."""
+
+RERUN_NOTE = "re-run after a merge conflict"
+GIT_MESSAGE_LINES = 12
+"""Lines of git's own message quoted in a re-run's prompt."""
+
+
+class Rerunner(Protocol):
+    """What re-runs a conflicting task: `IsolatedRunner` (runners/isolated.py)."""
+
+    changes: dict[str, dict[str, Any]]
+
+    async def rerun_at(self, job: Job, start: str) -> Outcome: ...
 
 
 def branch_name(name: str, run_id: str) -> str:
@@ -113,6 +141,9 @@ class _Queue:
     unmerged: set[str] = field(default_factory=set)
     commits: list[tuple[TaskRecord, str]] = field(default_factory=list)
     """(task, commit in the scratch worktree), in merge order."""
+    clashes: dict[str, tuple[list[str], str]] = field(default_factory=dict)
+    """Task id → (files, git's message) for each patch git could not apply: the tasks a
+    re-run may help (not those that only build on an unmerged task)."""
 
 
 def _picks(result: RunResult) -> list[_Pick]:
@@ -132,9 +163,11 @@ def _picks(result: RunResult) -> list[_Pick]:
     return out
 
 
-async def merge_changes(result: RunResult, progress: Progress) -> None:
+async def merge_changes(result: RunResult, progress: Progress,
+                        rerunner: Rerunner | None = None) -> None:
     """Merge the run's isolated changes as `settings.merge` says; record it in
-    `result.merge` and in the statuses of the tasks that could not be merged."""
+    `result.merge` and in the statuses of the tasks that could not be merged.  With a
+    `rerunner`, a conflicting task with retries left is re-run once on the merged state."""
     spec = result.spec
     mode = spec.settings.merge
     if mode == "none" or result.dry_run:
@@ -170,6 +203,8 @@ async def merge_changes(result: RunResult, progress: Progress) -> None:
                             result.base_commit], spec.root)
         queue = _Queue(result, progress, top, scratch, await _identity(spec.root), summary)
         await _merge_all(queue, picks)
+        if rerunner is not None and "stopped" not in summary:
+            await _rerun_conflicts(queue, picks, rerunner)
         if mode == "branch":
             await _make_branch(queue)
         elif not result.interrupted:
@@ -211,6 +246,7 @@ async def _merge_one(queue: _Queue, pick: _Pick) -> None:
         await _git(["reset", "--quiet", "--hard", "HEAD"], queue.scratch)
         await _git(["clean", "-fdq"], queue.scratch)
         shown = ", ".join(files) if files else _last_line(out)
+        queue.clashes[rec.id] = (files, out)
         _conflict(queue, rec, files, f"merge conflict in {shown}: its changes do not apply "
                   "on top of the tasks merged before it; its patch is kept in "
                   f"{pick.patch}")
@@ -242,6 +278,114 @@ def _conflict(queue: _Queue, rec: TaskRecord, files: list[str], reason: str) -> 
     queue.progress.task_merged(rec, reason)
 
 
+async def _rerun_conflicts(queue: _Queue, picks: Sequence[_Pick], rerunner: Rerunner) -> None:
+    """Each task git could not apply, with retries left, once more on the merged state, in
+    merge order and one at a time: each re-run starts from what the ones before it merged."""
+    spec = queue.result.spec
+    for pick in picks:
+        rec = pick.rec
+        if queue.result.interrupted:
+            return
+        if (rec.status == TaskStatus.CONFLICT and rec.id in queue.clashes
+                and rec.attempts - rec.quota_waits < spec.max_attempts(rec.index)):
+            await _rerun_one(queue, pick, rerunner)
+
+
+async def _rerun_one(queue: _Queue, pick: _Pick, rerunner: Rerunner) -> None:
+    """Run the task in a fresh worktree at the scratch worktree's HEAD with the conflict
+    in its prompt, under its own timeout; merge its new patch like any other."""
+    rec, spec = pick.rec, queue.result.spec
+    i = rec.index
+    files, message = queue.clashes.pop(rec.id)
+    head = (await _checked(queue, ["rev-parse", "HEAD"])).decode().strip()
+    task = spec.tasks[i]
+    note = conflict_note(files, message, as_comment=spec.inputs_mode(i) == "none")
+    prompt = task.prompt.rstrip("\n") + "\n\n" + note
+    respec = dataclasses.replace(spec, tasks=(
+        *spec.tasks[:i], task.model_copy(update={"prompt": prompt}), *spec.tasks[i + 1:]))
+    rec.attempts += 1
+    queue.progress.task_merged(rec, f"is re-run on top of the merged changes (attempt "
+                               f"{rec.attempts})")
+    job = Job(respec, i, rec.attempts, queue.result.run_id)
+    _log_line(rec, f"=== {RERUN_NOTE} in {', '.join(files) or 'its patch'}: attempt "
+                   f"{rec.attempts}, on top of the merged changes at {head[:12]} ===\n")
+    timeout_s = spec.timeout_s(i)
+    outcome: Outcome | None = None
+    started = trio.current_time()
+    with trio.move_on_after(timeout_s):
+        try:
+            outcome = await rerunner.rerun_at(job, head)
+        except Exception as exc:  # a runner bug must not take the merge down
+            outcome = Outcome(ok=False, error=f"runner error: {exc!r}", retryable=False)
+    rec.busy_s += trio.current_time() - started
+    if outcome is not None:
+        _add_metrics(rec, outcome.metrics)
+    entry = next(c for c in queue.summary["conflicts"] if c["task"] == rec.id)
+    rerun: dict[str, Any] = {"task": rec.id, "attempt": rec.attempts, "files": files,
+                             "start": head}
+    queue.summary.setdefault("reruns", []).append(rerun)
+    if outcome is None or not outcome.ok:
+        why = (f"timed out after {timeout_s:g}s" if outcome is None
+               else f"failed: {outcome.error or 'exit code ' + str(outcome.exit_code)}")
+        rerun["result"] = "timeout" if outcome is None else "failed"
+        rec.reason = entry["reason"] = f"{rec.reason}; its {RERUN_NOTE} {why}"
+        queue.progress.task_merged(rec, f"stays a conflict: its re-run {why}")
+        return
+    queue.summary["conflicts"].remove(entry)
+    queue.unmerged.discard(rec.id)
+    rec.changes = rerunner.changes.get(rec.id)
+    rec.status, rec.reason, rec.error = TaskStatus.SUCCEEDED, None, None
+    patch = (rec.changes or {}).get("patch")
+    if not patch:
+        queue.summary["unchanged"].append(rec.id)
+        rec.reason = f"{RERUN_NOTE}; it changed nothing on top of the merged changes"
+        rerun["result"] = "unchanged"
+        queue.progress.task_merged(rec, rec.reason)
+        return
+    await _merge_one(queue, dataclasses.replace(pick, patch=spec.settings.output_dir / patch))
+    rerun["result"] = ("unchanged" if rec.id in queue.summary["unchanged"]
+                       else {TaskStatus.SUCCEEDED: "merged", TaskStatus.CONFLICT: "conflict"}
+                       .get(rec.status, str(rec.status)))
+    if rec.status == TaskStatus.SUCCEEDED:
+        rec.reason = RERUN_NOTE
+    elif rec.status == TaskStatus.CONFLICT:
+        again = queue.summary["conflicts"][-1]
+        rec.reason = again["reason"] = f"{RERUN_NOTE}, and it conflicted again: {rec.reason}"
+
+
+def conflict_note(files: Sequence[str], message: str, *, as_comment: bool = False) -> str:
+    """The section a re-run's prompt ends with; `as_comment` (agents with `inputs: none`,
+    such as `shell`, whose prompt is a script) makes each line a `#` comment."""
+    named = ", ".join(files) if files else "(git named no file)"
+    quoted = [line for line in message.splitlines() if line.strip()][:GIT_MESSAGE_LINES]
+    lines = ["---", "", "## Merge conflict", "",
+             "Your previous changes did not apply on top of the other tasks' merged "
+             f"changes: conflicting files: {named}.", "", "git said:", "",
+             *(f"    {line}" for line in quoted), "",
+             "Redo your change on top of the current files."]
+    if as_comment:
+        lines = [f"# {line}".rstrip() for line in lines]
+    return "\n".join(lines) + "\n"
+
+
+def _log_line(rec: TaskRecord, text: str) -> None:
+    log = rec.log_path
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        fh.write(text.encode())
+
+
+def _add_metrics(rec: TaskRecord, metrics: dict[str, Any]) -> None:
+    """The re-run's cost and tokens join the task's, as a retry's do (scheduler.py)."""
+    for key, value in metrics.items():
+        if key == "cost_source":
+            rec.metrics[key] = pricing.merge_source(rec.metrics.get(key), value)
+        elif isinstance(value, int | float) and key in rec.metrics:
+            rec.metrics[key] += value
+        else:
+            rec.metrics[key] = value
+
+
 async def _verify(queue: _Queue, rec: TaskRecord) -> bool:
     """Run `verify` in the scratch worktree; False (the task marked) when it fails."""
     spec = queue.result.spec
@@ -251,7 +395,7 @@ async def _verify(queue: _Queue, rec: TaskRecord) -> bool:
     workdir = queue.scratch / spec.root.resolve().relative_to(queue.top.resolve())
     env = {k: v for k, v in os.environ.items() if k not in _LOCATION_ENV}
     env.update({"DISPATCH_RUN_ID": queue.result.run_id, "DISPATCH_TASK_ID": rec.id,
-                "DISPATCH_PROJECT_ROOT": str(spec.root)})
+                "DISPATCH_PROJECT": str(spec.root)})
     log = rec.log_path
     log.parent.mkdir(parents=True, exist_ok=True)
     timeout_s = spec.settings.verify_timeout / 1000

@@ -48,7 +48,7 @@ MAX_ARG_BYTES = 128 * 1024 - 1
 
 PositiveMs = Annotated[StrictInt, Field(gt=0, le=MAX_TIMEOUT_MS)]
 
-RESERVED_OUTPUTS = ("dispatch-report.md", "dispatch-report.json", "logs")
+RESERVED_OUTPUTS = ("dispatch-report.md", "dispatch-report.json", "logs", "changes")
 """Top-level names in the output dir that dispatch writes itself; so is every name
 starting with `.dispatch` (state, journal, staging, their temporary files)."""
 STAGED_NAME = re.compile(r"^\..+\.\d{8}T\d{6}Z-[0-9a-f]+\.\d+\.partial$")

@@ -283,7 +283,10 @@ def _merge_markdown(data: dict[str, Any]) -> list[str]:
         f" · branch `{merge['branch']}`" if merge.get("branch") else "")]
     if merge.get("stopped"):
         lines += ["", f"Stopped: {_md_escape_line(merge['stopped'])}"]
-    rows = [(c["task"], f"commit `{c['sha'][:12]}`") for c in merge["commits"]]
+    reran = {r["task"] for r in merge.get("reruns", []) if r["result"] == "merged"}
+    rows = [(c["task"], f"commit `{c['sha'][:12]}`"
+             + (" (re-run after a merge conflict)" if c["task"] in reran else ""))
+            for c in merge["commits"]]
     rows += [(t, "applied to the working tree") for t in merge.get("applied", [])]
     rows += [(t, "nothing left to merge") for t in merge["unchanged"]]
     rows += [(c["task"], f"{MARKS[TaskStatus.CONFLICT]} conflict"

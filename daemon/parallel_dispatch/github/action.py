@@ -3,7 +3,8 @@
 Inputs come from flags or the runner's `INPUT_*` variables (flags win); the
 GitHub context from `GITHUB_*`. After the run it writes the step summary,
 the step outputs, `::error` annotations for failed tasks, each task's log in
-a folded group, and the sticky PR comment.
+a folded group, and the sticky PR comment. With `push-branch`, the branch of
+`merge: branch` goes to `origin` (github/push.py) and the comment names it.
 
 Agents never see the token (`agent_env.py`), and this process hides its own
 environment from them. Everything agents or task files wrote is untrusted here:
@@ -30,10 +31,12 @@ from ..agent_env import hide_own_environment, redact, secret_values
 from ..errors import DispatchError, TaskFileError
 from ..result import PROBLEMS, RunStatus, verb
 from . import comment as gh
+from . import push as git_push
 from . import workflow_commands as wc
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 FAIL_ON = ("failure", "never")
+BOOLEANS = ("true", "false")
 LOG_TAIL_BYTES = 256 * 1024
 ANNOTATION_LOG_LINES = 20
 ANNOTATION_LINE_CHARS = 300  # annotations are for a glance; the group has the full log
@@ -52,6 +55,7 @@ class Inputs:
     comment: str
     fail_on: str
     config: str | None
+    push_branch: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class GitHubContext:
     repository: str | None
     api_url: str | None
     run_url: str | None
+    server_url: str = "https://github.com"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GitHubContext:
@@ -83,6 +88,7 @@ class GitHubContext:
             repository=repo,
             api_url=env.get("GITHUB_API_URL"),
             run_url=f"{server}/{repo}/actions/runs/{run_id}" if repo and run_id else None,
+            server_url=server,
         )
 
 
@@ -107,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--comment", help="sticky (default) | new | off")
     p.add_argument("--fail-on", help="failure (default) | never")
     p.add_argument("--config", help="path of the project config (.aiwg/dispatch.toml)")
+    p.add_argument("--push-branch", help="true | false (default): push the branch of "
+                   "`merge: branch` to origin with the github-token")
     return p
 
 
@@ -160,6 +168,7 @@ def read_inputs(argv: Sequence[str] | None, env: Mapping[str, str]) -> Inputs:
         comment=_choice("comment", get("comment"), gh.COMMENT_MODES, "sticky"),
         fail_on=_choice("fail-on", get("fail-on"), FAIL_ON, "failure"),
         config=get("config"),
+        push_branch=_choice("push-branch", get("push-branch"), BOOLEANS, "false") == "true",
     )
 
 
@@ -295,6 +304,7 @@ def _report_invalid(inputs: Inputs, ctx: GitHubContext, exc: TaskFileError) -> N
         "skipped": "0",
         "report": "",
         "report-json": "",
+        "branch": "",
     }
     _finish(inputs, ctx, markdown, outputs)
 
@@ -337,6 +347,45 @@ def _dispatch(inputs: Inputs, secrets: Sequence[str]) -> Any:
             )
         finally:
             stream.close()
+
+
+def _fenced(text: str) -> str:
+    """`text` in a code block whose fence no backtick run inside can close."""
+    fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
+    return f"{fence}text\n{text}\n{fence}\n"
+
+
+def _branch(inputs: Inputs, ctx: GitHubContext, report: Mapping[str, Any], root: Path,
+            secrets: Sequence[str]) -> tuple[str, str, bool]:
+    """Push the branch of `merge: branch` if asked: (Markdown for the summary and the
+    comment, the `branch` output, False if the push failed)."""
+    merge = report.get("merge")
+    branch = merge.get("branch") if isinstance(merge, Mapping) else None
+    if not isinstance(branch, str) or not branch:
+        if inputs.push_branch:
+            wc.echo("parallel-dispatch: push-branch is true but the run made no branch "
+                    "(it needs settings.merge: branch and a task that changed files)")
+        return "", "", True
+    if not inputs.push_branch:
+        return (f"\n## Branch\n\n`{branch}` was made on the runner and not pushed "
+                "(input `push-branch` is false).\n", branch, True)
+    if inputs.github_token:
+        for value in git_push.header_secrets(inputs.github_token):
+            wc.add_mask(value)
+    wc.echo(f"parallel-dispatch: pushing {branch} to {git_push.REMOTE}")
+    pushed = git_push.push_branch(root, branch, inputs.github_token)
+    if pushed.error is not None:
+        error = redact(pushed.error, secrets)
+        wc.error(error, title=f"push of {branch} failed")
+        return (f"\n## Branch\n\n`{branch}` could not be pushed to {git_push.REMOTE}:\n\n"
+                + _fenced(error), branch, False)
+    merge_base = merge.get("base") if isinstance(merge, Mapping) else None
+    link = (git_push.compare_url(ctx.server_url, ctx.repository, merge_base
+                                 if isinstance(merge_base, str) else None, branch)
+            if ctx.repository else None)
+    wc.echo(f"parallel-dispatch: pushed {branch}" + (f": {link}" if link else ""))
+    return (f"\n## Branch\n\nPushed `{branch}` to {git_push.REMOTE}"
+            + (f": [compare]({link})" if link else "") + ".\n", branch, True)
 
 
 def _redact_data(value: Any, secrets: Sequence[str]) -> Any:
@@ -405,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _scrub_reports([Path(result.report_md_path), Path(result.report_json_path)], secrets)
     report: Mapping[str, Any] = _redact_data(result.report, secrets)
-    report_md = Path(result.report_md_path).read_text(encoding="utf-8")
+    branch_md, branch, pushed = _branch(inputs, ctx, report, Path(result.spec.root), secrets)
+    report_md = Path(result.report_md_path).read_text(encoding="utf-8") + branch_md
     _write_summary(report_md, str(result.report_md_path))
     _annotate(report)
     _print_logs(report, secrets)
@@ -415,11 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         **{k: str(v) for k, v in _counts(report).items()},
         "report": str(result.report_md_path),
         "report-json": str(result.report_json_path),
+        "branch": branch,
     }
     comment_ok = _finish(inputs, ctx, report_md, outputs)
     if status == RunStatus.INTERRUPTED:
         return EXIT_INTERRUPTED
-    if status != RunStatus.SUCCEEDED and inputs.fail_on == "failure":
+    if (status != RunStatus.SUCCEEDED or not pushed) and inputs.fail_on == "failure":
         return EXIT_FAILED
     return EXIT_OK if comment_ok else EXIT_FAILED
 

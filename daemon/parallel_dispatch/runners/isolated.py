@@ -41,12 +41,21 @@ class IsolatedRunner:
     async def run(self, job: Job) -> Outcome:
         if self.spec.isolation(job.index) != "worktree":
             return await self.inner.run(job)
+        return await self._attempt(job, self.base, self._dependency_patches(job.index))
+
+    async def rerun_at(self, job: Job, start: str) -> Outcome:
+        """An attempt in a fresh worktree at `start`, the merge queue's merged state (which
+        already holds the dependencies' changes): merge.py re-runs a conflicting task on
+        top of the tasks merged before it.  Its changes replace the task's patch."""
+        return await self._attempt(job, start, [])
+
+    async def _attempt(self, job: Job, start: str,
+                       patches: list[tuple[str, Path]]) -> Outcome:
         root = self.spec.root
         path = worktree.worktree_path(root, job.run_id, job.task.id)
         try:
             try:
-                tree = await worktree.create(root, job.run_id, job.task.id, self.base,
-                                             self._dependency_patches(job.index))
+                tree = await worktree.create(root, job.run_id, job.task.id, start, patches)
             except (worktree.GitError, OSError) as exc:
                 return Outcome(ok=False, retryable=False,
                                error=f"cannot make the task's git worktree: {exc}")
