@@ -319,7 +319,7 @@ async def _rerun_one(queue: _Queue, pick: _Pick, rerunner: Rerunner) -> None:
             outcome = Outcome(ok=False, error=f"runner error: {exc!r}", retryable=False)
     rec.busy_s += trio.current_time() - started
     if outcome is not None:
-        _add_metrics(rec, outcome.metrics)
+        pricing.add_attempt(rec.metrics, outcome.metrics)  # as a retry's (scheduler.py)
     entry = next(c for c in queue.summary["conflicts"] if c["task"] == rec.id)
     rerun: dict[str, Any] = {"task": rec.id, "attempt": rec.attempts, "files": files,
                              "start": head}
@@ -373,17 +373,6 @@ def _log_line(rec: TaskRecord, text: str) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
         fh.write(text.encode())
-
-
-def _add_metrics(rec: TaskRecord, metrics: dict[str, Any]) -> None:
-    """The re-run's cost and tokens join the task's, as a retry's do (scheduler.py)."""
-    for key, value in metrics.items():
-        if key == "cost_source":
-            rec.metrics[key] = pricing.merge_source(rec.metrics.get(key), value)
-        elif isinstance(value, int | float) and key in rec.metrics:
-            rec.metrics[key] += value
-        else:
-            rec.metrics[key] = value
 
 
 async def _verify(queue: _Queue, rec: TaskRecord) -> bool:

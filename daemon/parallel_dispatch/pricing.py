@@ -88,6 +88,18 @@ def apply(metrics: dict[str, Any], model: str | None, table: Mapping[str, Price]
     metrics["price_source"] = price.source
 
 
+def add_attempt(total: dict[str, Any], metrics: Mapping[str, Any]) -> None:
+    """Add one attempt's usage to a task's: numbers sum, `cost_source` merges, the rest
+    (session id, model) is the latest."""
+    for key, value in metrics.items():
+        if key == "cost_source":
+            total[key] = merge_source(total.get(key), value)
+        elif isinstance(value, int | float) and key in total:
+            total[key] += value
+        else:
+            total[key] = value
+
+
 def merge_source(before: Any, now: Any) -> Any:
     """A task's `cost_source` over its attempts: any unpriced attempt taints the total."""
     if now is None or before is None or before == now:

@@ -502,13 +502,7 @@ class Scheduler:
         if out is not None:
             rec.exit_code = out.exit_code
             rec.error = out.error
-            for key, value in out.metrics.items():
-                if key == "cost_source":
-                    rec.metrics[key] = pricing.merge_source(rec.metrics.get(key), value)
-                elif isinstance(value, int | float) and key in rec.metrics:
-                    rec.metrics[key] += value
-                else:
-                    rec.metrics[key] = value
+            pricing.add_attempt(rec.metrics, out.metrics)
         status = msg.status
         assert status is not None  # an unstarted attempt was handled above
         rec.last_event = msg.last_event.text if msg.last_event is not None else None
