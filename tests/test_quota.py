@@ -376,3 +376,14 @@ def test_the_limit_recovers_after_a_cut(tmp_path: Path) -> None:
     assert max(running_at(s + 0.001) for _, _, s in runner.starts if s >= 60.0) == 4
     (pool,) = result.pools
     assert (pool["decreases"], pool["limit_now"]) == (1, 4)
+
+
+def test_max_quota_wait_zero_never_waits(tmp_path: Path) -> None:
+    """Even an overload with no pause ahead ends the task at once (0 + 0 is not > 0)."""
+    spec = _spec(tmp_path, tasks(1, extra=", retries: 3"), "settings: {max_quota_wait: 0}\n")
+    runner = ScriptedRunner({"t0": [limited(1, None, "overloaded"), Script()]})
+    result = _run(spec, runner)
+    t0 = _rec(result, "t0")
+    assert (t0.status, t0.cause, t0.attempts, t0.quota_waits) == \
+        ("provider_error", "overloaded", 1, 0)
+    assert "the --max-quota-wait of 0.0s; raise it or run later" in (t0.error or "")
