@@ -81,6 +81,10 @@ def test_a_reset_time_pauses_the_pool_then_one_probe_goes_first() -> None:
     assert pool.blocked_until(40.0) is None
     pool.start(40.0)
     assert pool.blocked_until(45.0) == math.inf  # the others wait for the probe
+    woken: list[str] = []
+    pool.on_release[1] = lambda: woken.append("wake")
+    pool.alive()  # the probe's first sign of life: the others may start, and are told
+    assert woken == ["wake"] and not pool.probing  # (its limit is 1: no room yet)
     pool.succeeded(50.0)
     pool.release()
     assert pool.blocked_until(50.0) is None and not pool.probing

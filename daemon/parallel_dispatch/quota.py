@@ -112,6 +112,15 @@ class Pool:
 
     def release(self) -> None:
         self.running -= 1
+        self._notify()
+
+    def alive(self) -> None:
+        """The probe after a pause got through (it talks): the others may follow now."""
+        if self.probing:
+            self.probing = False
+            self._notify()
+
+    def _notify(self) -> None:
         for wake in list(self.on_release.values()):
             wake()
 

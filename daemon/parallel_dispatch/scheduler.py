@@ -461,7 +461,7 @@ class Scheduler:
                              retry_after=ev.retry_after, count=first)
         elif ev.kind not in ("retry", "error"):
             for pool, _ in self._held.get(rec.index, ()):
-                pool.probing = False  # a probe that talks got through: reopen the pool
+                pool.alive()
         self.progress.task_event(rec, ev)
 
     def _succeeded(self, i: int, rec: TaskRecord) -> None:
