@@ -49,7 +49,7 @@ from .runners.isolated import IsolatedRunner
 from .scheduler import Scheduler
 from .spec import CHANGES_DIR, DispatchSpec
 from .state import State
-from .worktree import GitError, base_commit, clean_leftovers, git
+from .worktree import GitError, base_commit, clean_leftovers, git, read_numstat
 
 
 def new_run_id() -> str:
@@ -234,13 +234,7 @@ async def _cached_changes(result: RunResult) -> None:
             numstat = await git(["apply", "--numstat", "-z", str(patch.resolve())], spec.root)
         except (GitError, OSError):
             continue  # not a patch git reads: the merge would fail on it the same way
-        files, added, removed = [], 0, 0
-        for entry in numstat.split(b"\0"):
-            if entry.count(b"\t") >= 2:
-                plus, minus, name = entry.decode("utf-8", "surrogateescape").split("\t", 2)
-                files.append(name)
-                added += int(plus) if plus.isdigit() else 0  # "-" for a binary file
-                removed += int(minus) if minus.isdigit() else 0
+        files, added, removed = read_numstat(numstat)
         rec.changes = {"patch": f"{CHANGES_DIR}/{rec.id}.patch", "files": files,
                        "added": added, "removed": removed}
 

@@ -30,8 +30,16 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    fields = proc_stat(pid)
+    return fields is None or fields[0] not in ("Z", "X")
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of `/proc/<pid>/stat` after the command name (state first; the start
+    time is index 19); None when unreadable.  The name may hold spaces and ')'."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            fields = fh.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return True
+        return None
+    return fields or None

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import trio
 
+from .atomic import write_text
 from .config import git_toplevel
+from .probe import proc_stat
 
 WORKTREES_DIR = ".aiwg/worktrees"
 OWNER_FILE = ".owner"
@@ -124,11 +126,8 @@ def worktree_path(root: Path, run_id: str, task_id: str) -> Path:
 
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks: with the pid, it names one process."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def _owner_alive(folder: Path) -> bool:
@@ -147,12 +146,12 @@ def claim_run(root: Path, run_id: str) -> Path:
     top.mkdir(parents=True, exist_ok=True)
     ignore = top / ".gitignore"
     if not ignore.exists():
-        ignore.write_text("*\n")
+        write_text(ignore, "*\n", fsync=False)
     folder = run_dir(root, run_id)
     folder.mkdir(exist_ok=True)
     owner = folder / OWNER_FILE
-    if not owner.exists():
-        owner.write_text(f"{os.getpid()} {_start_time(os.getpid()) or ''}\n")
+    if not owner.exists():  # whole or absent: a half-written one would read as "gone"
+        write_text(owner, f"{os.getpid()} {_start_time(os.getpid()) or ''}\n", fsync=False)
     return folder
 
 
@@ -192,16 +191,23 @@ async def capture(tree: Worktree) -> Changes | None:
     if not patch:
         return None
     numstat = await git([*common, "--numstat", "-z", tree.start], tree.path)
+    files, added, removed = read_numstat(numstat)
+    return Changes(patch=patch, files=files, added=added, removed=removed)
+
+
+def read_numstat(numstat: bytes) -> tuple[list[str], int, int]:
+    """Files, lines added and removed from `--numstat -z` (git diff or git apply); a
+    binary file counts as a file with no lines."""
     files: list[str] = []
     added = removed = 0
     for entry in numstat.split(b"\0"):
-        if not entry:
+        if entry.count(b"\t") < 2:
             continue
         plus, minus, name = entry.decode("utf-8", "surrogateescape").split("\t", 2)
         files.append(name)
         added += int(plus) if plus.isdigit() else 0  # "-" for a binary file
         removed += int(minus) if minus.isdigit() else 0
-    return Changes(patch=patch, files=files, added=added, removed=removed)
+    return files, added, removed
 
 
 async def remove(root: Path, path: Path) -> None:
