@@ -70,11 +70,6 @@ FALLBACK_EMAIL = "parallel-dispatch@localhost"
 VERIFY_TAIL_LINES = 20
 VERIFY_TAIL_BYTES = 64 * 1024
 
-_LOCATION_ENV = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
-                 "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_PREFIX", "GIT_COMMON_DIR")
-"""Set when the dispatcher runs from a git hook: they would point git (and verify) at
-the user's repository instead of the scratch worktree."""
-
 _CONFLICT_PATTERNS = (
     re.compile(r"^U (.+)$"),
     re.compile(r"^Applied patch to '(.+)' with conflicts\.$"),
@@ -382,7 +377,7 @@ async def _verify(queue: _Queue, rec: TaskRecord) -> bool:
     assert verify is not None
     argv = ["/bin/sh", "-c", verify] if isinstance(verify, str) else list(verify)
     workdir = queue.scratch / spec.root.resolve().relative_to(queue.top.resolve())
-    env = {k: v for k, v in os.environ.items() if k not in _LOCATION_ENV}
+    env = worktree.user_env()  # verify runs in the scratch worktree, not the user's repo
     env.update({"DISPATCH_RUN_ID": queue.result.run_id, "DISPATCH_TASK_ID": rec.id,
                 "DISPATCH_PROJECT": str(spec.root)})
     log = rec.log_path
@@ -469,18 +464,12 @@ async def _identity(root: Path) -> list[str]:
     return flags
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LOCATION_ENV}
-    env.update({"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"})
-    return env
-
-
 async def _git(args: Sequence[str], cwd: Path, *, stdin: bytes = b"",
                flags: Sequence[str] = ()) -> tuple[int, str]:
     """`git <args>`: (exit code, stdout and stderr), never raising for a failure."""
     proc = await trio.run_process(["git", *worktree.GIT_CONFIG, *flags, *args], cwd=str(cwd),
-                                  env=_env(), stdin=stdin, capture_stdout=True,
-                                  capture_stderr=True, check=False)
+                                  env=worktree.git_env(identity=False), stdin=stdin,
+                                  capture_stdout=True, capture_stderr=True, check=False)
     text = (proc.stdout + proc.stderr).decode("utf-8", "surrogateescape")
     return proc.returncode, text
 
@@ -488,8 +477,9 @@ async def _git(args: Sequence[str], cwd: Path, *, stdin: bytes = b"",
 async def _checked(queue: _Queue, args: Sequence[str], flags: Sequence[str] = ()) -> bytes:
     """`git <args>` in the scratch worktree; a failure ends the merge (`GitError`)."""
     proc = await trio.run_process(["git", *worktree.GIT_CONFIG, *flags, *args],
-                                  cwd=str(queue.scratch), env=_env(), stdin=b"",
-                                  capture_stdout=True, capture_stderr=True, check=False)
+                                  cwd=str(queue.scratch), env=worktree.git_env(identity=False),
+                                  stdin=b"", capture_stdout=True, capture_stderr=True,
+                                  check=False)
     if proc.returncode != 0:
         err = proc.stderr.decode("utf-8", "replace").strip() or f"exit code {proc.returncode}"
         raise worktree.GitError(f"git {args[0]}: {err}")

@@ -40,8 +40,10 @@ GIT_CONFIG = ("-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false",
 diff settings would change the patch's text."""
 
 _GIT_ENV_DROP = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
-                 "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_PREFIX", "GIT_EXTERNAL_DIFF",
-                 "GIT_DIFF_OPTS")
+                 "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_PREFIX", "GIT_COMMON_DIR",
+                 "GIT_EXTERNAL_DIFF", "GIT_DIFF_OPTS")
+"""Set when the dispatcher runs from a git hook: they would point git at the user's
+repository instead of a worktree; the diff ones would change a patch's text."""
 IDENTITY = {"GIT_AUTHOR_NAME": "parallel-dispatch", "GIT_AUTHOR_EMAIL": "dispatch@localhost",
             "GIT_COMMITTER_NAME": "parallel-dispatch",
             "GIT_COMMITTER_EMAIL": "dispatch@localhost"}
@@ -52,11 +54,19 @@ class GitError(Exception):
     """A git command failed; the message holds its stderr."""
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _GIT_ENV_DROP}
+def user_env() -> dict[str, str]:
+    """The dispatcher's environment without git's location variables (`_GIT_ENV_DROP`)."""
+    return {k: v for k, v in os.environ.items() if k not in _GIT_ENV_DROP}
+
+
+def git_env(*, identity: bool = True) -> dict[str, str]:
+    """For our own git commands: no prompts, C messages (parsed), and, unless the commit
+    is the user's (the merge branch), our identity."""
+    env = user_env()
     env["GIT_TERMINAL_PROMPT"] = "0"
     env["LC_ALL"] = "C"
-    env.update(IDENTITY)
+    if identity:
+        env.update(IDENTITY)
     return env
 
 
@@ -79,7 +89,7 @@ async def git(args: Sequence[str], cwd: Path) -> bytes:
     """Run `git <args>` in `cwd`; its stdout, or `GitError` with its stderr."""
     admin = _admin_lock() if args and args[0] == "worktree" else contextlib.nullcontext()
     async with admin:
-        proc = await trio.run_process(["git", *GIT_CONFIG, *args], cwd=str(cwd), env=_env(),
+        proc = await trio.run_process(["git", *GIT_CONFIG, *args], cwd=str(cwd), env=git_env(),
                                       stdin=b"", capture_stdout=True, capture_stderr=True,
                                       check=False)
     if proc.returncode != 0:
