@@ -51,6 +51,8 @@ class AgentSpec:
     """`[runners.R] max_parallel`: the limit the runner's adaptive pool starts from."""
     shared_state: bool = False
     """`shared_state = true`: no private copy of the client's state per attempt."""
+    resources: Mapping[str, float] = field(default_factory=dict)
+    """`[agents.X] resources`: what a Ray node must offer to run this agent."""
 
     @property
     def system_prompt(self) -> str:
@@ -86,6 +88,7 @@ def _from_config(name: str, cfg: AgentConfig, source: str) -> AgentSpec:
         inputs=cfg.inputs or "inline",
         source=source,
         max_parallel=cfg.max_parallel,
+        resources=dict(cfg.resources),
     )
 
 

@@ -70,6 +70,9 @@ class RunnerConfig(BaseModel):
     shared_state: StrictBool | None = None
     """True: the client uses the user's own state dir (runners/client_state.py), not a
     private copy per attempt."""
+    resources: dict[Annotated[StrictStr, Field(min_length=1)],
+                    Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    """What a Ray node must offer to run this agent (`{claude_cli = 1}`); ignored locally."""
 
 
 class AgentConfig(RunnerConfig):
@@ -107,6 +110,46 @@ class AgentConfig(RunnerConfig):
         return self
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(name: str) -> str:
+    if not _ENV_NAME.fullmatch(name):
+        raise ValueError(f"'{name}' is not an environment variable name")
+    return name
+
+
+class ExecutorConfig(BaseModel):
+    """`[executor]`: where agent processes run (executor.py); README "Running on a Ray
+    cluster"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["local", "ray"] = "local"
+    address: Annotated[StrictStr, Field(min_length=1)] | None = None
+    """The cluster: `HOST:PORT` (its GCS), `ray://HOST:PORT` (Ray Client) or `auto`."""
+    workspace: Annotated[StrictStr, Field(min_length=1)] = "shared"
+    """`shared` (nodes see the project at the driver's path), an absolute path where every
+    node has the project, or `working_dir` (uploaded once per run, copied per attempt)."""
+    excludes: list[StrictStr] = Field(default_factory=list)
+    """Gitignore-style patterns left out of the `working_dir` upload."""
+    forward_env: list[Annotated[StrictStr, AfterValidator(_env_name)]] = Field(
+        default_factory=list)
+    """Variables of the *worker's* environment an agent gets there (keys provisioned on
+    the cluster); the driver's environment is never forwarded wholesale."""
+    resources: dict[Annotated[StrictStr, Field(min_length=1)],
+                    Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    """What every attempt asks of a node (`{agent_slot = 1}`), under the agent's own."""
+
+    @model_validator(mode="after")
+    def _workspace_known(self) -> ExecutorConfig:
+        if self.workspace not in ("shared", "working_dir") and \
+                not self.workspace.startswith("/"):
+            raise ValueError("workspace must be \"shared\", \"working_dir\" or an absolute "
+                             "path where every node has the project")
+        return self
+
+
 class ConfigDefaults(Settings):
     """`[defaults]`: task-file settings, plus the runner for agents found only as definitions."""
 
@@ -134,6 +177,7 @@ class ConfigFile(BaseModel):
         default_factory=dict)
     runners: dict[RunnerName, RunnerConfig] = Field(default_factory=dict)
     pricing: dict[Annotated[str, Field(min_length=1)], Price] = Field(default_factory=dict)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
 
 @dataclass(frozen=True)
@@ -147,6 +191,10 @@ class ProjectConfig:
     runners: Mapping[str, RunnerConfig] = field(default_factory=dict)
     pricing: Mapping[str, Price] = field(default_factory=dict)
     """`[pricing."model"]`: prices for runners that report tokens but no cost."""
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    lines: Mapping[str, int] = field(default_factory=dict)
+    """Lines of the tables errors found only at run time point to (`agents.X.resources`,
+    `runners.R.resources`, `executor.resources`)."""
 
     @property
     def default_runner(self) -> RunnerName | None:
@@ -307,7 +355,22 @@ def load_config(root: Path, path: Path | None = None) -> ProjectConfig:
         ]) from None
     return ProjectConfig(root=root, path=cfg_path, defaults=parsed.defaults, agents=parsed.agents,
                          runners={name: runner for name, runner in parsed.runners.items()},
-                         pricing=parsed.pricing)
+                         pricing=parsed.pricing, executor=parsed.executor,
+                         lines=_resource_lines(text, parsed))
+
+
+def _resource_lines(text: str, parsed: ConfigFile) -> dict[str, int]:
+    """Where each `resources` table is, for errors the cluster finds later."""
+    where: list[tuple[str, ...]] = [("executor", "resources")] if parsed.executor.resources \
+        else []
+    where += [("agents", n, "resources") for n, a in parsed.agents.items() if a.resources]
+    where += [("runners", n, "resources") for n, r in parsed.runners.items() if r.resources]
+    out = {}
+    for loc in where:
+        line = _toml_line(text, loc)
+        if line is not None:
+            out[".".join(loc)] = line
+    return out
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -479,9 +542,11 @@ def _toml_line(text: str, loc: tuple[Any, ...]) -> int | None:
     keys = [str(k) for k in loc]
     if not keys:
         return None
-    if len(keys) == 1 or keys[0] not in ("agents", "defaults", "runners", "pricing"):
+    flat = keys[0] in ("defaults", "executor")  # one table, not one per name
+    if len(keys) == 1 or keys[0] not in ("agents", "defaults", "runners", "pricing",
+                                         "executor"):
         return _top_level_line(lines, keys[0])
-    section = keys[0] if keys[0] == "defaults" else f"{keys[0]}.{keys[1]}"
+    section = keys[0] if flat else f"{keys[0]}.{keys[1]}"
     start = None
     for i, line in enumerate(lines):
         stripped = line.strip().replace('"', "")
@@ -490,7 +555,7 @@ def _toml_line(text: str, loc: tuple[Any, ...]) -> int | None:
             break
     if start is None:  # an inline table, or dotted keys: the section's own line
         return _top_level_line(lines, keys[0])
-    leaf = keys[2] if keys[0] != "defaults" and len(keys) > 2 else keys[-1]
+    leaf = keys[2] if not flat and len(keys) > 2 else keys[-1]
     for i in range(start + 1, len(lines)):
         if lines[i].lstrip().startswith("["):
             break

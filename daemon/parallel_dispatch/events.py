@@ -16,7 +16,7 @@ from typing import Literal
 import trio
 
 Cause = Literal["auth", "unreachable", "rate_limit", "quota", "overloaded", "server",
-                "bad_request"]
+                "bad_request", "worker_lost"]
 """Why the provider could not be used: the task ends `provider_error`, not `failed`."""
 
 CAUSES: dict[str, str] = {
@@ -27,6 +27,7 @@ CAUSES: dict[str, str] = {
     "overloaded": "provider overloaded",
     "server": "provider server error",
     "bad_request": "request rejected by the provider",
+    "worker_lost": "the cluster node or worker running it was lost",
 }
 """How each cause is named in errors, reports and progress."""
 

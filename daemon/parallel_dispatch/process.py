@@ -397,6 +397,11 @@ class Exit:
     pid: int
     survivors: list[int] = field(default_factory=list)
     """Processes of the attempt that could not be killed within `SWEEP_LIMIT_S`."""
+    node: str | None = None
+    """Where it ran, when not on this machine (a Ray node: `10.0.0.5 (ab12cd34)`)."""
+    lost: str | None = None
+    """Why the remote side vanished mid-attempt (worker or node died): no exit code
+    means anything then; the attempt is retried under the task's own policy."""
 
 
 async def run_in_group(

@@ -165,6 +165,7 @@ class AgentResolver:
             runner_max_parallel=base.max_parallel,
             shared_state=bool(base.shared_state if own.shared_state is None
                               else own.shared_state),
+            resources={**base.resources, **own.resources},
         )
 
     # -- messages -------------------------------------------------------------

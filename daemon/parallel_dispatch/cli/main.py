@@ -25,6 +25,8 @@ from .. import __version__
 
 if TYPE_CHECKING:
     from ..errors import TaskFileError
+    from ..executor import Executor
+    from ..spec import DispatchSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -68,6 +70,17 @@ def _duration_ms(text: str) -> int:
     return round(float(m.group(1)) * _UNITS_MS[m.group(2) or "ms"])
 
 
+def _executor(text: str) -> str:
+    from ..executor import EXECUTOR_CHOICES, valid_choice
+
+    if not valid_choice(text):
+        raise argparse.ArgumentTypeError(f"expected {EXECUTOR_CHOICES}, got {text!r}")
+    return text
+
+
+EXECUTOR_HELP = ("where agents run: local (default), or a Ray cluster: ray (the cluster of "
+                 "[executor] address, RAY_ADDRESS or this machine), ray:HOST:PORT, "
+                 "ray://HOST:PORT (README: Running on a Ray cluster)")
 CONFIG_HELP = "project config (default .aiwg/dispatch.toml in the project root)"
 PROJECT_HELP = ("the project's root (default: the project around the current directory: "
                 "the nearest folder up holding .aiwg/, else .claude/ or .git)")
@@ -102,6 +115,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                         "limits, no waiting for quota (a rate limit is a retryable failure)")
     p.add_argument("--resume", action="store_true",
                    help="reuse outputs of tasks unchanged since their last successful run")
+    p.add_argument("--executor", type=_executor, metavar="WHERE", help=EXECUTOR_HELP)
     p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -157,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="agents at once across all task files (default 8)")
     w.add_argument("--force", action="store_true",
                    help="at start, re-run every task file in full, ignoring earlier results")
+    w.add_argument("--executor", type=_executor, metavar="WHERE", help=EXECUTOR_HELP)
     st = sub.add_parser("status", help="each task file's last run, and what runs now")
     st.add_argument("project", nargs="?", metavar="PROJECT_DIR", help=PROJECT_HELP)
     st.add_argument("--tasks-dir", metavar="DIR",
@@ -302,7 +317,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
                 tasks = Path(args.tasks_dir) if args.tasks_dir else None
                 return lambda: run_daemon(_project(args.project), tasks, args.max_parallel,
-                                          args.force)
+                                          args.force, args.executor)
 
             return _launch("watch", load_daemon)
         if args.command == "status":
@@ -365,6 +380,34 @@ def _validate(files: list[str], config: str | None) -> int:
     return status
 
 
+def _connected_executor(choice: str | None, spec: DispatchSpec) -> Executor | None:
+    """The run's executor, connected and checked against the spec's agents; None (the
+    error printed) when the cluster can't be used or can't run one of the agents."""
+    from ..errors import TaskFileError
+    from ..executor import agents_used, make_executor
+
+    executor = make_executor(choice, spec.config, os.environ)
+    if executor.local:
+        return executor
+    from ..fmt import plural
+    from ..ray_executor import ExecutorError, RayExecutor
+
+    assert isinstance(executor, RayExecutor)
+    try:
+        executor.connect()
+        problems = executor.check(spec.config, agents_used(spec.agents))
+    except ExecutorError as exc:
+        print(f"parallel-dispatch: error: {exc}", file=sys.stderr)
+        return None
+    if problems:
+        executor.close()
+        _print_diagnostics(TaskFileError(problems))
+        return None
+    print(f"executor: Ray cluster at {executor.address} "
+          f"({plural(len(executor.nodes()), 'node')})", file=sys.stderr)
+    return executor
+
+
 def _run(args: argparse.Namespace) -> int:
     import gc
 
@@ -393,14 +436,19 @@ def _run(args: argparse.Namespace) -> int:
         result = trio.run(lambda: run_spec(spec, runner=real, dry_run=True, progress=progress))
         print(render_plan(spec, result, real))
         return EXIT_OK
+    executor = _connected_executor(args.executor, spec)
+    if executor is None:
+        return EXIT_USAGE
     registry = AgentRegistry(spec.root)
     registry.reap()  # agents of an earlier dispatcher that was killed outright
     try:
         result = trio.run(lambda: run_spec(spec, progress=progress, handle_signals=True,
                                            reuse=args.resume,
-                                           runner=RunnerSet(registry=registry)))
+                                           runner=RunnerSet(registry=registry,
+                                                            executor=executor)))
     finally:
         registry.close()
+        executor.close()
     if result.report_md_path is not None:
         print(f"report: {result.report_md_path}")
     return result.exit_code

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import IO, ClassVar
 
 from ..agent_env import agent_environment, expand_references
+from ..executor import ExecRequest, Executor, Exit, LocalExecutor
 from ..fmt import plural
 from ..inputs import inputs_env
 from ..orphans import AgentRegistry
@@ -42,13 +43,16 @@ class AttemptRunner:
     name: ClassVar[str] = "attempt"
 
     def __init__(self, base_env: Mapping[str, str] | None = None,
-                 grace: float = KILL_GRACE_S, registry: AgentRegistry | None = None) -> None:
+                 grace: float = KILL_GRACE_S, registry: AgentRegistry | None = None,
+                 executor: Executor | None = None) -> None:
         self.base_env = dict(os.environ if base_env is None else base_env)
         """The user's environment as given, deny-list included: runners share it, and
         `${NAME}` in an agent's `env` refers to it. Agents get `env()`, never this."""
         self._inherited = agent_environment(self.base_env)
         self.grace = grace
         self.registry = registry
+        self.executor: Executor = executor or LocalExecutor()
+        """Where agent processes run (executor.py): this machine, or a Ray cluster."""
 
     @property
     def error_prefix(self) -> str:
@@ -131,6 +135,35 @@ class AttemptRunner:
             log_error(log, error)
         return Outcome(ok=False, error=error, retryable=retryable, exit_code=exit_code,
                        pid=pid)
+
+    def request(self, job: Job, staging: Staging, argv: Sequence[str],
+                env: Mapping[str, str], stdin: bytes) -> ExecRequest:
+        """The process to start for this attempt, with what a remote workspace must ship
+        (dependency outputs, the staging folder, the worktree) and bring back."""
+        timeout = job.spec.timeout_s(job.index)
+        return ExecRequest(
+            argv=argv, cwd=str(job.workdir or job.spec.root), env=env, stdin=stdin,
+            grace=self.grace, root=str(job.spec.root), deadline_s=timeout,
+            resources=job.agent.resources,
+            sends=(*map(str, job.input_paths().values()), str(staging.root)),
+            returns=(str(staging.root),),
+            tree=str(job.workdir) if job.workdir is not None else None,
+            label=f"{job.task.id}#{job.attempt}")
+
+    def lost(self, log: IO[bytes], result: Exit) -> Outcome:
+        """The remote worker or node died mid-attempt: retried under the task's policy,
+        as a provider-side failure (the agent itself did nothing wrong)."""
+        error = f"{self.error_prefix}{result.lost}"
+        log_error(log, error)
+        return Outcome(ok=False, error=error, retryable=True, cause="worker_lost",
+                       node=result.node)
+
+    def hooks(self, job: Job, on_spawn: Callable[[int], None] | None = None
+              ) -> dict[str, Callable[[int], None]]:
+        """`Executor.run` hooks: the orphan registry only holds pids of this machine."""
+        if not self.executor.local:
+            return {"on_spawn": on_spawn} if on_spawn is not None else {}
+        return self.registry_hooks(job, on_spawn)
 
     def registry_hooks(self, job: Job,
                        on_spawn: Callable[[int], None] | None = None

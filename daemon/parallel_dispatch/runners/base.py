@@ -69,6 +69,8 @@ class Outcome:
     cause: Cause | None = None
     """Set when the provider could not be used (bad credentials, unreachable, rate limit,
     overloaded...): the task ends `provider_error` instead of `failed`."""
+    node: str | None = None
+    """The cluster node that ran the attempt (None: this machine)."""
     requests_per_min: float | None = None
     """The provider's stated request limit (`x-ratelimit-limit-requests`), when a rate limit
     said it: the runner's pool paces its starts to it."""

@@ -18,11 +18,12 @@ from typing import IO
 import trio
 
 from ..events import Activity
+from ..executor import Executor
 from ..inputs import compose_prompt
 from ..model import MAX_ARG_BYTES
 from ..orphans import AgentRegistry
 from ..outputs import Staging
-from ..process import KILL_GRACE_S, run_in_group
+from ..process import KILL_GRACE_S
 from .attempt import AttemptRunner, exit_message, io_error_message, is_transient, survivors_message
 from .base import Job, Outcome
 
@@ -37,16 +38,17 @@ class CommandRunner(AttemptRunner):
         return ""  # the command is the user's own: its errors need no runner named
 
     def __init__(self, base_env: Mapping[str, str] | None = None,
-                 grace: float = KILL_GRACE_S, registry: AgentRegistry | None = None) -> None:
-        super().__init__(base_env, grace, registry)
+                 grace: float = KILL_GRACE_S, registry: AgentRegistry | None = None,
+                 executor: Executor | None = None) -> None:
+        super().__init__(base_env, grace, registry, executor)
         self._described: dict[tuple[tuple[str, ...], str], str] = {}
         self._on_path: set[str] = set()
 
     def _found(self, command: str) -> bool:
         """Whether `command` is on PATH.  A hit is remembered: one lookup per command, not
         per task (one that vanishes later fails to start, with the OS error named)."""
-        if command in self._on_path:
-            return True
+        if command in self._on_path or not self.executor.local:
+            return True  # a remote node looks it up on its own PATH
         if shutil.which(command, path=self.base_env.get("PATH")) is None:
             return False
         self._on_path.add(command)
@@ -104,10 +106,9 @@ class CommandRunner(AttemptRunner):
                     if job.activity is not None and job.activity.idle_s is not None:
                         nursery.start_soon(_watch_growth, job.activity, out, log)
                     try:  # inside the nursery, or the error reaches us wrapped in a group
-                        result = await run_in_group(
-                            argv, cwd=str(job.workdir or job.spec.root), env=env,
-                            stdin=stdin, stdout=out, stderr=log, grace=self.grace,
-                            **self.registry_hooks(job))
+                        result = await self.executor.run(
+                            self.request(job, staging, argv, env, stdin),
+                            stdout=out, stderr=log, **self.hooks(job))
                     except OSError as exc:
                         failed = exc
                     nursery.cancel_scope.cancel()
@@ -115,18 +116,21 @@ class CommandRunner(AttemptRunner):
                     return self.failed(log, f"cannot start '{argv[0]}': "
                                             f"{io_error_message(failed, job)}",
                                        retryable=is_transient(failed))
+            if result.lost is not None:
+                return self.lost(log, result)
             log.write(f"=== exit code {result.returncode}\n".encode())
+        node = result.node
         if result.survivors:  # they may still write: this output must not be promoted
-            return Outcome(ok=False, exit_code=result.returncode, pid=result.pid,
+            return Outcome(ok=False, exit_code=result.returncode, pid=result.pid, node=node,
                            retryable=False, error=survivors_message(result.survivors))
         if result.returncode != 0:
-            return Outcome(ok=False, exit_code=result.returncode, pid=result.pid,
+            return Outcome(ok=False, exit_code=result.returncode, pid=result.pid, node=node,
                            error=exit_message(result.returncode))
         if job.agent.output_mode == "file" and not _wrote(staging):
-            return Outcome(ok=False, exit_code=0, pid=result.pid, retryable=False,
+            return Outcome(ok=False, exit_code=0, pid=result.pid, node=node, retryable=False,
                            error="agent exited 0 but did not write its output "
                                  "(output = \"file\" expects it at {output})")
-        return Outcome(ok=True, exit_code=0, pid=result.pid)
+        return Outcome(ok=True, exit_code=0, pid=result.pid, node=node)
 
 
 async def _watch_growth(activity: Activity, *files: IO[bytes]) -> None:

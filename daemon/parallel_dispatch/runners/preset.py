@@ -35,7 +35,7 @@ from ..fmt import rel_path
 from ..inputs import compose_prompt
 from ..outputs import Staging, staging_for
 from ..presets import PRESETS, Preset
-from ..process import Exit, run_in_group
+from ..process import Exit
 from .attempt import (
     AttemptRunner,
     exit_message,
@@ -345,7 +345,7 @@ class PresetRunner(AttemptRunner):
         env = self.env(job, staging.target)
         env.update(inv.env)
         with self.open_log(job, inv.argv) as log:
-            if shutil.which(inv.argv[0], path=env.get("PATH")) is None:
+            if self.executor.local and shutil.which(inv.argv[0], path=env.get("PATH")) is None:
                 return self.failed(log, f"'{inv.argv[0]}' not found on PATH (agent "
                                         f"'{job.task.agent}', {job.agent.source}); "
                                         f"{self.install_hint}", retryable=False)
@@ -363,11 +363,13 @@ class PresetRunner(AttemptRunner):
             watcher = _Watcher(self, call, job.activity or Activity())
             with open(capture, "wb") as out:
                 try:
-                    result = await self._spawn(inv, job, env, log, out, watcher)
+                    result = await self._spawn(inv, job, env, log, out, watcher, staging)
                 except OSError as exc:
                     return self.failed(log, f"cannot start '{inv.argv[0]}': "
                                             f"{io_error_message(exc, job)}",
                                        retryable=is_transient(exc))
+            if result.lost is not None:
+                return self.lost(log, result)
             stdout = capture.read_bytes()
             log.write(f"=== exit code {result.returncode}\n".encode())
             if result.survivors:  # nothing may outlive its task, even unpromotable
@@ -375,6 +377,7 @@ class PresetRunner(AttemptRunner):
                                    exit_code=result.returncode, pid=result.pid)
             parsed = self._verdict(call, result.returncode, stdout, watcher)
             outcome = parsed.outcome(result.returncode, result.pid, self.error_prefix)
+            outcome.node = result.node
             if not outcome.ok:
                 log_error(log, outcome.error or "")
                 return outcome
@@ -397,7 +400,7 @@ class PresetRunner(AttemptRunner):
         return parsed
 
     async def _spawn(self, inv: Invocation, job: Job, env: dict[str, str], log: IO[bytes],
-                     capture: IO[bytes], watcher: _Watcher) -> Exit:
+                     capture: IO[bytes], watcher: _Watcher, staging: Staging) -> Exit:
         """Run the tool with both streams piped through `pump`, so its events are seen live
         and kept in the log.  A fatal event (bad credentials) stops it at once."""
         r_out, w_out = pipe()
@@ -411,7 +414,8 @@ class PresetRunner(AttemptRunner):
         def on_spawn(pid: int) -> None:
             close_writers()  # the child holds them now; EOF comes when its group is gone
 
-        hooks = self.registry_hooks(job, on_spawn)
+        hooks = self.hooks(job, on_spawn)
+        req = self.request(job, staging, inv.argv, env, inv.stdin.encode())
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(partial(pump, r_out, log=log, capture=capture,
@@ -423,12 +427,11 @@ class PresetRunner(AttemptRunner):
                 r_out = r_err = -1
                 with trio.CancelScope() as stop:
                     watcher.stop_scope = stop
-                    result = await run_in_group(
-                        inv.argv, cwd=str(job.workdir or job.spec.root), env=env,
-                        stdin=inv.stdin.encode(),
-                        stdout=w_out, stderr=w_err, grace=self.grace, **hooks)
+                    result = await self.executor.run(req, stdout=w_out, stderr=w_err,
+                                                     **hooks)
                 if stop.cancelled_caught:
                     result = Exit(-1, -1)
+                close_writers()  # a remote executor wrote into them itself: EOF now
                 # Every writer is dead now (the group was killed); a process that left the
                 # group could still hold a pipe: do not wait for it.
                 nursery.cancel_scope.deadline = trio.current_time() + PUMP_DRAIN_S

@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..executor import Executor, LocalExecutor
 from ..orphans import AgentRegistry
 from ..presets import PRESETS, RUNNER_NAMES
 from ..process import KILL_GRACE_S
@@ -38,8 +39,11 @@ class RunnerSet:
     name = "auto"
 
     def __init__(self, base_env: Mapping[str, str] | None = None,
-                 grace: float = KILL_GRACE_S, registry: AgentRegistry | None = None) -> None:
-        self.command = CommandRunner(base_env, grace, registry=registry)
+                 grace: float = KILL_GRACE_S, registry: AgentRegistry | None = None,
+                 executor: Executor | None = None) -> None:
+        self.executor: Executor = executor or LocalExecutor()
+        self.command = CommandRunner(base_env, grace, registry=registry,
+                                     executor=self.executor)
         self._env = self.command.base_env
         self._grace = grace
         self._registry = registry
@@ -51,8 +55,8 @@ class RunnerSet:
             return self.command
         runner = self._presets.get(name)
         if runner is None:
-            runner = self._presets[name] = RUNNERS[name](self._env, self._grace,
-                                                          registry=self._registry)
+            runner = self._presets[name] = RUNNERS[name](
+                self._env, self._grace, registry=self._registry, executor=self.executor)
         return runner
 
     def describe(self, job: Job) -> str:

@@ -38,6 +38,7 @@ from ..api import run_spec
 from ..atomic import write_text
 from ..config import BUILTIN_DEFAULTS, CONFIG_NAME, ProjectConfig, load_config
 from ..errors import ConfigError, Diagnostic, DispatchError, TaskFileError
+from ..executor import agents_used, make_executor
 from ..fingerprint import hash_files
 from ..fmt import now_iso, plural
 from ..loader import load_spec
@@ -139,6 +140,7 @@ class Daemon:
         max_parallel: int | None = None,
         force: bool = False,
         notifier: Notifier | None = None,
+        executor: str | None = None,
     ) -> None:
         self.project = project.resolve()
         self.tasks_dir = (tasks_dir if tasks_dir else self.project / ".aiwg" / "tasks")
@@ -152,6 +154,8 @@ class Daemon:
         self.notifier = notifier or Notifier(unset_environment=True)
         self.registry = AgentRegistry(self.project)
         self.runner = RunnerSet(registry=self.registry)
+        self.executor_choice = executor
+        """`--executor`; else `[executor]` of the config at start (a change needs a restart)."""
         self.files: dict[Path, TaskFileState] = {}
         self.config = ProjectConfig(root=self.project)
         self.stopping = False
@@ -173,6 +177,7 @@ class Daemon:
         if not self._load_config(at_start=True):
             log.error("no task file runs until %s is fixed and the daemon reloaded "
                       "(SIGHUP, systemctl reload)", CONFIG_DISPLAY)
+        await self._start_executor()
         killed = self.registry.reap()
         if killed:
             log.warning("killed %s of an earlier dispatcher",
@@ -196,6 +201,17 @@ class Daemon:
         self.registry.close()
         self._remove_status()
         log.info("stopped")
+
+    async def _start_executor(self) -> None:
+        """Join the Ray cluster when asked to; a cluster that can't be reached stops the
+        daemon at start, with the reason (systemd restarts it), rather than failing every
+        task later."""
+        executor = make_executor(self.executor_choice, self.config, os.environ)
+        if executor.local:
+            return
+        await trio.to_thread.run_sync(executor.connect)
+        self.runner = RunnerSet(registry=self.registry, executor=executor)
+        log.info("agents run on the Ray cluster at %s", getattr(executor, "address", "?"))
 
     async def _announce(self) -> None:
         """Ready once the watcher is up: rescan for files dropped while it started."""
@@ -503,6 +519,12 @@ class Daemon:
             return
         if self.stopping:
             return
+        problems = await trio.to_thread.run_sync(
+            self.runner.executor.check, spec.config, agents_used(spec.agents))
+        if problems:
+            fs.source_hash = spec.source_hash
+            self._invalid(fs, problems)
+            return
         fs.source_hash = spec.source_hash
         fs.invalid = False
         fs.error = None
@@ -769,13 +791,14 @@ def _mtime_ns(path: Path) -> int:
 
 
 def run_daemon(project: Path, tasks_dir: Path | None, max_parallel: int | None,
-               force: bool) -> int:
+               force: bool, executor: str | None = None) -> int:
     """Entry point of `parallel-dispatch watch`."""
     debug = os.environ.get("PARALLEL_DISPATCH_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(message)s")
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
-    daemon = Daemon(project, tasks_dir, max_parallel=max_parallel, force=force)
+    daemon = Daemon(project, tasks_dir, max_parallel=max_parallel, force=force,
+                    executor=executor)
     t0 = time.monotonic()
     trio.run(daemon.serve)
     log.debug("served for %.1fs", time.monotonic() - t0)
