@@ -62,6 +62,8 @@ class Activity:
         self.last_event_at: float | None = None
         self.last_output_at: float | None = None
         self.fatal: AgentEvent | None = None
+        self.node: str | None = None
+        """The cluster node the attempt runs on, once known (None: this machine)."""
         self._idle_scope: trio.CancelScope | None = None
         self._idle_s = 0.0
 

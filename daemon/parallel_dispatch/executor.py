@@ -49,6 +49,9 @@ class ExecRequest:
     its files and brings the agent's changes back as a patch applied here."""
     label: str = ""
     """Task and attempt, for names on the remote side (`review#2`)."""
+    on_node: Callable[[str], None] | None = field(default=None, compare=False)
+    """Told which node runs it, as soon as the remote side says (a timed-out attempt
+    returns no outcome, yet its report names the node)."""
 
 
 class Executor(Protocol):

@@ -38,6 +38,8 @@ from .executor import ExecRequest, Exit
 
 PULL_S = 0.5
 """How long one wait for the next chunk may block a thread (cancellation is seen after)."""
+CONNECT_S = 10.0
+"""How long the cluster's address may take to accept a connection."""
 SETTLE_S = 5.0
 """Beyond the grace: how long a cancelled remote attempt may take to end."""
 
@@ -94,6 +96,7 @@ class RayExecutor:
             raise ExecutorError("the Ray executor needs Ray: pip install "
                                 "'parallel-dispatch[ray]' (on the driver and every node)"
                                 ) from None
+        self._reachable()
         runtime_env: dict[str, Any] = {}
         if self.config.workspace == "working_dir":
             runtime_env = {"working_dir": str(self.root),
@@ -109,6 +112,24 @@ class RayExecutor:
                 "--head`), and does RAY_AUTH_MODE/RAY_AUTH_TOKEN match the cluster's?"
             ) from None
         self._task = ray.remote(_attempt_on_node)
+
+    def _reachable(self) -> None:
+        """Fail in seconds, not minutes: `ray.init` retries an address that refuses
+        connections for about a minute before it gives up."""
+        import socket
+
+        address = self.address.removeprefix("ray://")
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit():
+            return  # "auto": Ray finds the local cluster itself
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S):
+                pass
+        except OSError as exc:
+            raise ExecutorError(
+                f"cannot join the Ray cluster at {self.address}: nothing answers there "
+                f"({exc.strerror or exc}); start it (`ray start --head --port={port}`) "
+                "or fix --executor / [executor] address") from None
 
     def close(self) -> None:
         import ray
@@ -180,6 +201,8 @@ class RayExecutor:
                     await trio.to_thread.run_sync(_write_all, fds[kind], item[1])
                 elif kind == "node":
                     node = f"{item[2]} ({item[1][:8]})"
+                    if req.on_node is not None:
+                        req.on_node(node)
                 elif kind == "exit":
                     return await self._finish(req, item[1], node)
                 elif kind == "error":

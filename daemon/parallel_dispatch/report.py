@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,8 @@ def to_json(result: RunResult) -> dict[str, Any]:
         entry.update({**costs.EMPTY, **r.metrics})
         if spec.isolation(r.index) == "worktree":  # only then: other reports as before
             entry["changes"] = r.changes
+        if r.nodes:  # only then: reports of local runs read as before
+            entry["nodes"] = list(r.nodes)
         if r.quota_waits:  # only then: reports of runs never limited read as before
             entry["quota_waits"] = r.quota_waits
             entry["quota_wait_s"] = round(r.quota_wait_s, 3)
@@ -217,6 +220,7 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
                      f"{_status_cell(t['status'])}{waited} | {t['attempts']} | {t['output']} |")
     lines += costs.markdown(data)
     lines += quota.markdown(data)
+    lines += _nodes_markdown(data)
     if data["notes"]:
         at = lines.index("## Execution Timeline")
         lines[at:at] = [*costs.notes_markdown(data["notes"]), ""]
@@ -318,6 +322,27 @@ def _md_escape_line(text: str) -> str:
     return text.replace("\n", " ").strip()
 
 
+def _mermaid_text(text: str) -> str:
+    """A node's name as a section title: Mermaid ends it at a colon or hash."""
+    return re.sub(r"[:#;]", " ", text)
+
+
+def _nodes_markdown(data: dict[str, Any]) -> list[str]:
+    """Which node ran which attempts (runs on a Ray cluster only)."""
+    per: dict[str, list[str]] = {}
+    for t in data["tasks"]:
+        for n, node in enumerate(t.get("nodes") or (), start=1):
+            per.setdefault(node, []).append(t["id"] if len(t["nodes"]) == 1
+                                            else f"{t['id']} (attempt {n})")
+    if not per:
+        return []
+    lines = ["", "## Nodes", "", "| Node | Attempts | Tasks |", "|------|----------|-------|"]
+    for node in sorted(per):
+        lines.append(f"| {_md_escape_line(node)} | {len(per[node])} | "
+                     f"{', '.join(per[node])} |")
+    return lines
+
+
 def _gantt(data: dict[str, Any]) -> list[str]:
     rows = [t for t in data["tasks"] if t["start_s"] is not None and t["end_s"] is not None
             and t["status"] != TaskStatus.CACHED]
@@ -325,14 +350,17 @@ def _gantt(data: dict[str, Any]) -> list[str]:
         return []
     out = ["```mermaid", "gantt", "    title Dispatch timeline (seconds from start)",
            "    dateFormat x", "    axisFormat %M:%S"]
-    by_wave: dict[int, list[dict[str, Any]]] = {}
+    # On a cluster the chart groups by node (where each task last ran), else by wave.
+    by_node = any(t.get("nodes") for t in rows)
+    groups: dict[Any, list[dict[str, Any]]] = {}
     for t in rows:
-        by_wave.setdefault(t["wave"], []).append(t)
+        key = (t.get("nodes") or ["this machine"])[-1] if by_node else t["wave"]
+        groups.setdefault(key, []).append(t)
     tag = {TaskStatus.SUCCEEDED: "done", TaskStatus.CANCELLED: "crit",
            **{p: "crit" for p in PROBLEMS}}
-    for wave in sorted(by_wave):
-        out.append(f"    section Wave {wave}")
-        for t in by_wave[wave]:
+    for key in sorted(groups):
+        out.append(f"    section {'Node ' + _mermaid_text(key) if by_node else f'Wave {key}'}")
+        for t in groups[key]:
             start = int(t["start_s"] * 1000)
             end = max(start + 1, int(t["end_s"] * 1000))
             status = tag.get(t["status"], "active")

@@ -138,6 +138,8 @@ class TaskRecord:
     """Time spent waiting for quota, summed."""
     quota_since: float | None = field(default=None, repr=False)
     """When the current wait began (scheduler clock), while waiting."""
+    nodes: list[str] = field(default_factory=list)
+    """The cluster node of each attempt that ran on one, in order (`--executor ray`)."""
     changes: dict[str, Any] | None = None
     """An isolated task's changes: `{"patch": "changes/<id>.patch" or None, "files": [...],
     "added": N, "removed": N}` (runners/isolated.py); None when it is not isolated or did

@@ -46,6 +46,8 @@ class _Finished:
     last_event: AgentEvent | None = None
     last_event_text: str | None = None
     """'last event 3 s ago: …', as it read when the attempt ended."""
+    node: str | None = None
+    """The cluster node it ran on (None: this machine)."""
 
 
 @dataclass
@@ -115,6 +117,8 @@ class Scheduler:
             spec.graph.ids[i] for i in spec.graph.critical_path(weights, rest)]
         self._scopes: dict[int, trio.CancelScope] = {}
         self._started: dict[int, float] = {}
+        self._activities: dict[int, Activity] = {}
+        """The live state of each running attempt (a cancelled one still names its node)."""
         self._backoffs: dict[int, trio.CancelScope] = {}
         self._stopping: str | None = None
         self._t0 = 0.0
@@ -406,16 +410,18 @@ class Scheduler:
             self._release_pools(i)
         self._scopes.pop(i, None)
         started = self._started.pop(i, None)
+        activity = self._activities.pop(i, None)
         if msg is None:
             now = self._now()
             status = TaskStatus.CANCELLED if started is not None else None
-            msg = _Finished(i, rec.attempts, status, None, started or now, now)
+            msg = _Finished(i, rec.attempts, status, None, started or now, now,
+                            node=activity.node if activity is not None else None)
         send.send_nowait(msg)
 
     async def _attempt_in_slot(self, i: int, rec: TaskRecord) -> _Finished:
         rec.attempts += 1
         rec.event = None
-        activity = Activity(on_event=lambda ev: self._on_event(rec, ev))
+        activity = self._activities[i] = Activity(on_event=lambda ev: self._on_event(rec, ev))
         job = Job(self.spec, i, rec.attempts, self.result.run_id, activity=activity)
         start = self._started[i] = self._now()
         if rec.start_s is None:
@@ -449,7 +455,8 @@ class Scheduler:
             with trio.CancelScope(shield=True):  # the output is in place: record it
                 await self.reuse.succeeded(i)
         return _Finished(i, rec.attempts, status, outcome, start, self._now(),
-                         activity.last_event, activity.describe_last())
+                         activity.last_event, activity.describe_last(),
+                         (outcome.node if outcome is not None else None) or activity.node)
 
     def _on_event(self, rec: TaskRecord, ev: AgentEvent) -> None:
         rec.event = ev.text
@@ -499,6 +506,8 @@ class Scheduler:
         rec.end_s = msg.end
         rec.busy_s += msg.end - msg.start
         out = msg.outcome
+        if msg.node is not None:
+            rec.nodes.append(msg.node)
         if out is not None:
             rec.exit_code = out.exit_code
             rec.error = out.error

@@ -148,7 +148,7 @@ class AttemptRunner:
             sends=(*map(str, job.input_paths().values()), str(staging.root)),
             returns=(str(staging.root),),
             tree=str(job.workdir) if job.workdir is not None else None,
-            label=f"{job.task.id}#{job.attempt}")
+            label=f"{job.task.id}#{job.attempt}", on_node=_node_setter(job))
 
     def lost(self, log: IO[bytes], result: Exit) -> Outcome:
         """The remote worker or node died mid-attempt: retried under the task's policy,
@@ -180,6 +180,17 @@ class AttemptRunner:
             reg.add(pid, job.run_id)
 
         return {"on_spawn": spawned, "on_reaped": reg.remove}
+
+
+def _node_setter(job: Job) -> Callable[[str], None] | None:
+    activity = job.activity
+    if activity is None:
+        return None
+
+    def set_node(node: str) -> None:
+        activity.node = node
+
+    return set_node
 
 
 def log_error(log: IO[bytes], error: str) -> None:
