@@ -373,3 +373,50 @@ def test_isolated_tasks_work_in_a_node_copy_of_their_worktree(
     # `append` ran on top of edit's change, in its own copy:
     assert (remote / ".aiwg/working/append.txt").read_text() == "one file of the project\n"
     assert (remote / "notes.txt").read_text() == "a file of the project\n"  # merge: none
+
+
+def test_a_workspace_path_maps_the_project_root_on_the_nodes(
+        ray_cluster: RayCluster, tmp_path: Path) -> None:
+    """`workspace = "/mnt/repo"`: nodes have the project at another path (a mount of the
+    same storage; here a symlink to it), and the driver's paths are rewritten to it."""
+    mount = tmp_path / "mnt-repo"
+    toml = SPREAD_TOML + f'workspace = "{mount}"\n'
+    tasks = ("name: mapped\ntasks:\n  - id: a\n    agent: shell\n    output: a.md\n"
+             "    prompt: 'echo \"cwd=$(pwd) project=$DISPATCH_PROJECT\"; cat notes.txt'\n")
+    root = _project(tmp_path, toml, tasks)
+    mount.symlink_to(root)
+    code, text = _finish(_cli(root, ray_cluster))
+    assert code == 0, text
+    assert (root / ".aiwg/working/a.md").read_text() == \
+        f"cwd={mount} project={mount}\na file of the project\n"
+
+
+def test_the_daemon_runs_task_files_on_the_cluster(ray_cluster: RayCluster,
+                                                   tmp_path: Path) -> None:
+    root = _project(tmp_path, SPREAD_TOML, "name: unused\ntasks: []\n")
+    (root / ".aiwg" / "tasks").mkdir()
+    (root / ".aiwg" / "tasks" / "hello.yaml").write_text(
+        "name: hello\ntasks:\n  - id: hi\n    agent: shell\n    output: hi.md\n"
+        "    prompt: 'echo hello from a node'\n")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "parallel_dispatch", "watch", str(root), "--executor",
+         f"ray:{ray_cluster.address}"], env=ray_cluster.driver_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    report = root / ".aiwg/working/hello/dispatch-report.json"
+    try:
+        deadline = time.monotonic() + CLI_DEADLINE
+        while not report.exists():
+            assert daemon.poll() is None, daemon.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the daemon never wrote the report"
+            time.sleep(0.1)
+    finally:
+        daemon.terminate()
+        try:
+            _, err = daemon.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            _, err = daemon.communicate()
+    assert "agents run on the Ray cluster at" in err, err[-3000:]
+    task = json.loads(report.read_text())["tasks"][0]
+    assert task["status"] == "succeeded" and task["nodes"], task
+    assert (root / ".aiwg/working/hello/hi.md").read_text() == "hello from a node\n"
