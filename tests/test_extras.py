@@ -115,8 +115,9 @@ def test_extras_split_in_pyproject() -> None:
     assert not names(project["dependencies"]) & {"watchfiles", "pygithub", "requests"}
     assert names(extras["daemon"]) == {"watchfiles"}
     assert names(extras["action"]) == {"pygithub", "requests"}
-    # `pip install '.[test]'` (README step 2, .ci/run) still installs both front ends.
-    assert "parallel-dispatch[daemon,action]" in extras["test"]
+    assert names(extras["ray"]) == {"ray"} and "ray" not in names(project["dependencies"])
+    # `pip install '.[test]'` (README step 2, .ci/run) installs both front ends and Ray.
+    assert "parallel-dispatch[daemon,action,ray]" in extras["test"]
 
 
 def test_the_docker_image_and_the_action_install_their_extras() -> None:

@@ -82,3 +82,4 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").rstrip().splitlines()
     assert ci[-2:] == ["# The README's test command:", step]
     assert "mypy" in step.split(" && ")
+    assert step.endswith(' -m "not ray" && tests/ray/run'), step  # the Ray group runs too

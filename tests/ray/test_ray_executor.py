@@ -232,9 +232,10 @@ tasks:
 
 def test_a_lost_node_is_retried_on_the_other(ray_cluster: RayCluster,
                                             tmp_path: Path) -> None:
-    """`pin` takes the head's `head_only` slot; `k` (agent_slot 2 = a whole node) must
-    then start on the second node, whose raylet dies under it; its retry runs on the head
-    once `pin` is done."""
+    """`pin` takes the head's `head_only` slot and all its agent slots; `k` (agent_slot 2 =
+    a whole node), started only once `pin` runs (`ready` waits for that and needs no
+    resources), must start on the second node, whose raylet dies under it; its retry
+    runs on the head once `pin` is done."""
     mark = f"PDN{uuid.uuid4().hex[:8]}"
     toml = """\
 [agents.pinned]
@@ -253,11 +254,16 @@ tasks:
   - id: pin
     agent: pinned
     output: pin.md
-    prompt: 'while [ ! -e go ]; do sleep 0.1; done; echo pinned'
+    prompt: 'touch pin-runs; while [ ! -e go ]; do sleep 0.1; done; echo pinned'
+  - id: ready
+    agent: shell
+    output: ready.md
+    prompt: 'while [ ! -e pin-runs ]; do sleep 0.1; done'
   - id: k
     agent: whole
     output: k.md
     retries: 1
+    dependencies: [ready]
     prompt: |
       if [ "$DISPATCH_ATTEMPT" = 1 ]; then {_sleeper(mark)}; fi
       echo "attempt $DISPATCH_ATTEMPT ok"
