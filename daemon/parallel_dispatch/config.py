@@ -555,7 +555,7 @@ def _toml_line(text: str, loc: tuple[Any, ...]) -> int | None:
             break
     if start is None:  # an inline table, or dotted keys: the section's own line
         return _top_level_line(lines, keys[0])
-    leaf = keys[2] if not flat and len(keys) > 2 else keys[-1]
+    leaf = keys[1] if flat else keys[2] if len(keys) > 2 else keys[-1]
     for i in range(start + 1, len(lines)):
         if lines[i].lstrip().startswith("["):
             break

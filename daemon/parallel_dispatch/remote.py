@@ -41,6 +41,9 @@ CHUNK = 256 * 1024
 """Largest piece of output sent back at once."""
 POLL_S = 0.1
 """How often the worker looks up from its pipes (a cancel is seen within this)."""
+DEADLINE_MARGIN_S = 30.0
+"""Added to the attempt's timeout and grace for the shepherd's own deadline: the driver's
+cancel comes first; this backstop only acts when the driver is gone."""
 DRAIN_S = 2.0
 """How long output may still arrive after the shepherd said the agent is gone."""
 TREE = "tree"
@@ -123,7 +126,8 @@ def attempt(req: Mapping[str, Any], blob: bytes | None, workspace: str,
             "stdin": paths(req["stdin"].decode("latin-1")) if paths.pairs else
             req["stdin"].decode("latin-1"),
             "grace": req["grace"],
-            "deadline_s": req.get("deadline_s"),
+            "backstop_s": None if req.get("deadline_s") is None else
+            float(req["deadline_s"]) + float(req["grace"]) + DEADLINE_MARGIN_S,
         }
         status = yield from _run_shepherd(shepherd_req, float(req["grace"]))
         if scratch is not None and "spawn_error" not in status:

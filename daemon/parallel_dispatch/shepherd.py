@@ -11,7 +11,8 @@ up, and the agent's group is killed at once.  It also enforces its own deadline,
 lost driver cannot leave an agent running forever.
 
 Protocol: `python -m parallel_dispatch.shepherd LIFE DONE OUT ERR` with a JSON request on
-stdin (`argv`, `cwd`, `env`, `stdin` as latin-1 text, `grace`, `deadline_s`).  The agent
+stdin (`argv`, `cwd`, `env`, `stdin` as latin-1 text, `grace`, `backstop_s`: how long the
+agent may run at most, None for no limit).  The agent
 writes to OUT and ERR; the shepherd closes its own copies, then writes one JSON line to
 DONE: `{"code": N, "survivors": [...]}`, or `{"spawn_error": [errno, strerror]}`, or
 `{"code": -1, "cause": "cancelled"|"deadline"}`.
@@ -24,10 +25,6 @@ import json
 import os
 import sys
 from typing import Any
-
-DEADLINE_MARGIN_S = 30.0
-"""Added to the attempt's own timeout and grace: the driver's cancel comes first; this
-backstop only acts when the driver is gone."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,23 +53,22 @@ async def _shepherd(request: dict[str, Any], life: int, out: int, err: int) -> d
     from .process import run_in_group
 
     grace = float(request.get("grace", 2.0))
-    deadline = request.get("deadline_s")
-    limit = float(deadline) + grace + DEADLINE_MARGIN_S if deadline is not None else None
+    limit = request.get("backstop_s")
     result: dict[str, Any] = {"code": -1, "cause": "cancelled"}
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_life, life, nursery.cancel_scope)
-            with trio.move_on_after(limit if limit is not None else float("inf")) as backstop:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_life, life, nursery.cancel_scope)
+        with trio.move_on_after(float("inf") if limit is None else limit) as backstop:
+            try:  # inside the nursery, or the error reaches us wrapped in a group
                 exit_ = await run_in_group(
                     request["argv"], cwd=request["cwd"], env=request["env"],
                     stdin=request.get("stdin", "").encode("latin-1"),
                     stdout=out, stderr=err, grace=grace)
                 result = {"code": exit_.returncode, "survivors": exit_.survivors}
-            if backstop.cancelled_caught:
-                result = {"code": -1, "cause": "deadline"}
-            nursery.cancel_scope.cancel()
-    except OSError as exc:  # could not start: no such command, E2BIG...
-        result = {"spawn_error": [exc.errno or 0, exc.strerror or str(exc)]}
+            except OSError as exc:  # could not start: no such command, E2BIG...
+                result = {"spawn_error": [exc.errno or 0, exc.strerror or str(exc)]}
+        if backstop.cancelled_caught:
+            result = {"code": -1, "cause": "deadline"}
+        nursery.cancel_scope.cancel()
     return result
 
 
