@@ -246,7 +246,7 @@ def test_a_bad_executor_flag_is_a_usage_error(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "parallel_dispatch", "x.yaml", "--executor",
                            "k8s"], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert proc.returncode == 2
-    assert "expected local, ray, ray:HOST:PORT or ray://HOST:PORT, got 'k8s'" in proc.stderr
+    assert "expected local, ray or ray:HOST:PORT, got 'k8s'" in proc.stderr
 
 
 def test_only_the_ray_executor_imports_ray_and_only_on_demand() -> None:
@@ -266,3 +266,14 @@ def test_only_the_ray_executor_imports_ray_and_only_on_demand() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_ray_client_addresses_are_refused_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "t.yaml").write_text("name: x\ntasks:\n  - id: a\n    agent: shell\n"
+                                     "    output: a.md\n    prompt: 'echo hi'\n")
+    proc = subprocess.run([sys.executable, "-m", "parallel_dispatch", "t.yaml", "--executor",
+                           "ray://127.0.0.1:10001"], capture_output=True, text=True,
+                          cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Ray Client (ray://) is not supported" in proc.stderr
+    assert "--executor ray:HOST:6379" in proc.stderr and "Traceback" not in proc.stderr

@@ -109,11 +109,12 @@ class LocalExecutor:
         pass
 
 
-EXECUTOR_CHOICES = "local, ray, ray:HOST:PORT or ray://HOST:PORT"
+EXECUTOR_CHOICES = "local, ray or ray:HOST:PORT"
 
 
 def valid_choice(text: str) -> bool:
-    """Whether `--executor TEXT` names an executor (a host and port where one is given)."""
+    """Whether `--executor TEXT` names an executor (a host and port where one is given).
+    `ray://` passes, so that connecting can say why Ray Client is not supported."""
     if text in ("local", "ray"):
         return True
     for prefix in ("ray://", "ray:"):

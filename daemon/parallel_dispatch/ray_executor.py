@@ -55,7 +55,8 @@ class ExecutorError(DispatchError):
 
 def cluster_address(choice: str, config: ExecutorConfig, env: Mapping[str, str]) -> str:
     """`--executor ray` (config or RAY_ADDRESS, else `auto`), `ray:HOST:PORT`, or
-    `ray://HOST:PORT` (Ray Client) as the address `ray.init` takes."""
+    `ray://HOST:PORT` (Ray Client, refused by `connect`) as the address `ray.init`
+    takes."""
     if choice.startswith("ray://"):
         return choice
     if choice.startswith("ray:"):
@@ -90,6 +91,14 @@ class RayExecutor:
     # -- the connection ------------------------------------------------------------
     def connect(self) -> None:
         """Join the cluster as a driver (ExecutorError with what to do, if it can't)."""
+        if self.address.startswith("ray://"):
+            raise ExecutorError(
+                f"{self.address}: Ray Client (ray://) is not supported: through it a Ray "
+                "task cannot stream (Ray 2.60 returns a plain ClientObjectRef for a "
+                "streaming generator), and an agent's output must stream back as it comes; "
+                "connect to the head's GCS address instead, --executor ray:HOST:6379 "
+                "(the driver must then reach the cluster's nodes: run it on a node or in "
+                "the cluster's network)")
         try:
             import ray
         except ImportError:

@@ -79,8 +79,8 @@ def _executor(text: str) -> str:
 
 
 EXECUTOR_HELP = ("where agents run: local (default), or a Ray cluster: ray (the cluster of "
-                 "[executor] address, RAY_ADDRESS or this machine), ray:HOST:PORT, "
-                 "ray://HOST:PORT (README: Running on a Ray cluster)")
+                 "[executor] address, RAY_ADDRESS or this machine) or ray:HOST:PORT (README: "
+                 "Running on a Ray cluster)")
 CONFIG_HELP = "project config (default .aiwg/dispatch.toml in the project root)"
 PROJECT_HELP = ("the project's root (default: the project around the current directory: "
                 "the nearest folder up holding .aiwg/, else .claude/ or .git)")
