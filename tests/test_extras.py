@@ -116,8 +116,9 @@ def test_extras_split_in_pyproject() -> None:
     assert names(extras["daemon"]) == {"watchfiles"}
     assert names(extras["action"]) == {"pygithub", "requests"}
     assert names(extras["ray"]) == {"ray"} and "ray" not in names(project["dependencies"])
-    # `pip install '.[test]'` (README step 2, .ci/run) installs both front ends and Ray.
-    assert "parallel-dispatch[daemon,action,ray]" in extras["test"]
+    assert names(extras["mcp"]) == {"mcp"} and "mcp" not in names(project["dependencies"])
+    # `pip install '.[test]'` (README step 2, .ci/run) installs the front ends, Ray and MCP.
+    assert "parallel-dispatch[daemon,action,ray,mcp]" in extras["test"]
 
 
 def test_the_docker_image_and_the_action_install_their_extras() -> None:

@@ -27,10 +27,12 @@ from pathlib import Path
 import parallel_dispatch
 
 PACKAGE = Path(parallel_dispatch.__file__).parent
-FRONT_ENDS = ("cli", "service", "github")
+FRONT_ENDS = ("cli", "service", "github", "assistant")
 LAUNCHES = {
     ("parallel_dispatch.cli.main", "parallel_dispatch.service.daemon"),  # `watch`
     ("parallel_dispatch.cli.main", "parallel_dispatch.github.action"),  # `action`
+    ("parallel_dispatch.cli.main", "parallel_dispatch.assistant.mcp_server"),  # `mcp`
+    ("parallel_dispatch.cli.main", "parallel_dispatch.assistant.claude_init"),  # `init --claude`
 }
 """Front end → front end imports allowed, each only inside a function."""
 ENTRY_POINTS = {"parallel_dispatch.__main__"}

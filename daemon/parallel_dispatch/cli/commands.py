@@ -293,7 +293,9 @@ def doctor_command(config_path: str | None, timeout: float = 10.0,
 
 
 EXTRA_MODULES = {"daemon": ("watch", ("watchfiles",)),
-                 "action": ("action", ("github", "requests"))}
+                 "action": ("action", ("github", "requests")),
+                 "mcp": ("mcp", ("mcp",)),
+                 "ray": ("run --executor ray", ("ray",))}
 """Each optional extra: the command that needs it and the modules it installs."""
 
 
