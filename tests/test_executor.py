@@ -277,3 +277,15 @@ def test_ray_client_addresses_are_refused_with_the_reason(tmp_path: Path) -> Non
     assert proc.returncode == 2, proc.stderr
     assert "Ray Client (ray://) is not supported" in proc.stderr
     assert "--executor ray:HOST:6379" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_descendant_that_left_the_group_dies_with_the_attempt(tmp_path: Path) -> None:
+    """`setsid` takes a process out of the agent's group; the attempt's marker in its
+    environment still finds it when the agent ends."""
+    mark = f"PDS{uuid.uuid4().hex[:8]}"
+    req = _req(["bash", "-c", f"setsid bash -c 'exec -a {mark} sleep 300' >/dev/null 2>&1 & "
+                              f"until pgrep -f {mark} >/dev/null; do sleep 0.05; done; "
+                              "echo leaving"], tmp_path)
+    out, _, status = _drain(remote.attempt(req, None, "shared"))
+    assert (out, status["code"], status["survivors"]) == (b"leaving\n", 0, [])
+    assert _gone(mark, within=5), f"escaped: {_survivors(mark)}"

@@ -21,8 +21,8 @@ import signal
 from pathlib import Path
 from typing import IO
 
-from .probe import pid_alive
-from .process import claim_orphans, signal_group, tagged
+from .probe import pid_alive, tagged
+from .process import claim_orphans, signal_group
 
 log = logging.getLogger("parallel_dispatch")
 

@@ -8,6 +8,7 @@ process we may not signal (EPERM) is alive: it belongs to someone else, not to n
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -43,3 +44,43 @@ def proc_stat(pid: int) -> list[str] | None:
     except (OSError, IndexError):
         return None
     return fields or None
+
+
+def tagged(markers: Iterable[str]) -> dict[int, str]:
+    """Live processes whose environment holds one of `markers` ("NAME=value"): pid → marker.
+
+    One pass over `/proc`, one lookup per variable name whatever the number of values
+    (a daemon's registry may name thousands of runs); processes of other users are
+    skipped (unreadable).
+    """
+    wanted: dict[bytes, set[bytes]] = {}
+    for marker in markers:
+        name, _, value = marker.encode().partition(b"=")
+        wanted.setdefault(b"\0" + name + b"=", set()).add(value)
+    found: dict[int, str] = {}
+    if not wanted:
+        return found
+    me = os.getpid()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = b"\0" + fh.read()
+        except OSError:
+            continue
+        for prefix, values in wanted.items():
+            at = env.find(prefix)
+            if at < 0:
+                continue
+            start = at + len(prefix)
+            end = env.find(b"\0", start)
+            value = env[start:] if end < 0 else env[start:end]
+            if value in values:
+                found[int(entry)] = (prefix[1:] + value).decode(errors="replace")
+                break
+    return found

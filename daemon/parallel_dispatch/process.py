@@ -48,6 +48,8 @@ from typing import IO
 
 import trio
 
+from .probe import tagged
+
 KILL_GRACE_S = 2.0
 """How long an agent gets between SIGTERM and SIGKILL."""
 
@@ -210,46 +212,6 @@ def _group_exists(pgid: int) -> bool:
     except PermissionError:
         return False
     return True
-
-
-def tagged(markers: Iterable[str]) -> dict[int, str]:
-    """Live processes whose environment holds one of `markers` ("NAME=value"): pid → marker.
-
-    One pass over `/proc`, one lookup per variable name whatever the number of values
-    (a daemon's registry may name thousands of runs); processes of other users are
-    skipped (unreadable).
-    """
-    wanted: dict[bytes, set[bytes]] = {}
-    for marker in markers:
-        name, _, value = marker.encode().partition(b"=")
-        wanted.setdefault(b"\0" + name + b"=", set()).add(value)
-    found: dict[int, str] = {}
-    if not wanted:
-        return found
-    me = os.getpid()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for entry in entries:
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                env = b"\0" + fh.read()
-        except OSError:
-            continue
-        for prefix, values in wanted.items():
-            at = env.find(prefix)
-            if at < 0:
-                continue
-            start = at + len(prefix)
-            end = env.find(b"\0", start)
-            value = env[start:] if end < 0 else env[start:end]
-            if value in values:
-                found[int(entry)] = (prefix[1:] + value).decode(errors="replace")
-                break
-    return found
 
 
 async def kill_tagged(markers: Iterable[str], limit: float = SWEEP_LIMIT_S) -> list[int]:

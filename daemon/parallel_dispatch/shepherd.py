@@ -4,17 +4,23 @@ A Ray worker that dies (SIGKILL, its node lost, a forced cancel) takes its direc
 children with it, but an agent runs in its own session, so the agent and its tools
 would live on (docs/design/ray-executor.md §4, measured).  So the worker does not start
 the agent itself: it starts this program, which detaches (double fork, `setsid`: Ray's
-kill-the-children no longer reaches it) and runs the agent with `process.run_in_group`
-(its own group, the attempt's marker, subreaper sweep).  The shepherd then watches the
-`life` pipe, whose only write end the worker holds: EOF means the worker is gone or gave
-up, and the agent's group is killed at once.  It also enforces its own deadline, so a
-lost driver cannot leave an agent running forever.
+kill-the-children no longer reaches it) and runs the agent with the local rules of
+`process.py`: its own session and group, the attempt's `DISPATCH_AGENT_TOKEN` marker,
+and the shepherd as child subreaper, so that escaped descendants are found and killed.
+The shepherd watches the `life` pipe, whose only write end the worker holds: EOF means
+the worker is gone or gave up, and the agent's group gets SIGTERM, then SIGKILL after
+the grace.  It also enforces its own deadline, so a lost driver cannot leave an agent
+running forever.
+
+It starts once per remote attempt, so it is plain blocking code on the standard library
+(`select` on the pipe and a pidfd): importing trio would cost ~70 ms per attempt
+(BENCHMARKS §k).
 
 Protocol: `python -m parallel_dispatch.shepherd LIFE DONE OUT ERR` with a JSON request on
 stdin (`argv`, `cwd`, `env`, `stdin` as latin-1 text, `grace`, `backstop_s`: how long the
-agent may run at most, None for no limit).  The agent
-writes to OUT and ERR; the shepherd closes its own copies, then writes one JSON line to
-DONE: `{"code": N, "survivors": [...]}`, or `{"spawn_error": [errno, strerror]}`, or
+agent may run at most, None for no limit).  The agent writes to OUT and ERR; the
+shepherd closes its own copies, then writes one JSON line to DONE:
+`{"code": N, "survivors": [...]}`, or `{"spawn_error": [errno, strerror]}`, or
 `{"code": -1, "cause": "cancelled"|"deadline"}`.
 """
 
@@ -23,8 +29,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
+import signal
+import subprocess
 import sys
+import threading
+import time
 from typing import Any
+
+TOKEN_ENV = "DISPATCH_AGENT_TOKEN"
+"""process.AGENT_TOKEN_ENV (not imported: process.py imports trio)."""
+SWEEP_LIMIT_S = 10.0
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    import trio
-
-    result = trio.run(_shepherd, request, life, out, err)
+    result = shepherd(request, life, out, err)
     for fd in (out, err):
         os.close(fd)  # the agent's are closed too: the worker's reads see EOF
     with contextlib.suppress(OSError):  # the worker is gone: nobody to tell
@@ -46,41 +60,117 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _shepherd(request: dict[str, Any], life: int, out: int, err: int) -> dict[str, Any]:
-    """Run the agent until it exits, `life` closes, or the backstop deadline passes."""
-    import trio
+def shepherd(request: dict[str, Any], life: int, out: int, err: int) -> dict[str, Any]:
+    """Run the agent until it exits, `life` closes, or the backstop deadline passes;
+    then kill whatever the attempt left, escapees included."""
+    _become_subreaper()
+    token = os.urandom(12).hex()
+    stdin = request.get("stdin", "").encode("latin-1")
+    try:
+        proc = subprocess.Popen(
+            request["argv"], cwd=request["cwd"], env={**request["env"], TOKEN_ENV: token},
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=out, stderr=err,
+            start_new_session=True, close_fds=True)
+    except OSError as exc:  # could not start: no such command, E2BIG...
+        return {"spawn_error": [exc.errno or 0, exc.strerror or str(exc)]}
+    if proc.stdin is not None:
+        threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
+    cause = _watch(proc, life, request.get("backstop_s"))
+    if cause is not None:
+        _terminate(proc, float(request.get("grace", 2.0)))
+    code = proc.wait()
+    survivors = _sweep(proc.pid, token)
+    if cause is not None:
+        return {"code": -1, "cause": cause}
+    return {"code": code, "survivors": survivors}
 
-    from .process import run_in_group
 
-    grace = float(request.get("grace", 2.0))
-    limit = request.get("backstop_s")
-    result: dict[str, Any] = {"code": -1, "cause": "cancelled"}
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_life, life, nursery.cancel_scope)
-        with trio.move_on_after(float("inf") if limit is None else limit) as backstop:
-            try:  # inside the nursery, or the error reaches us wrapped in a group
-                exit_ = await run_in_group(
-                    request["argv"], cwd=request["cwd"], env=request["env"],
-                    stdin=request.get("stdin", "").encode("latin-1"),
-                    stdout=out, stderr=err, grace=grace)
-                result = {"code": exit_.returncode, "survivors": exit_.survivors}
-            except OSError as exc:  # could not start: no such command, E2BIG...
-                result = {"spawn_error": [exc.errno or 0, exc.strerror or str(exc)]}
-        if backstop.cancelled_caught:
-            result = {"code": -1, "cause": "deadline"}
-        nursery.cancel_scope.cancel()
-    return result
+def _feed(pipe: Any, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # the agent stopped reading: its business
+        pipe.write(data)
+        pipe.close()
 
 
-async def _watch_life(life: int, scope: Any) -> None:
-    """Cancel `scope` (killing the agent's group) when the worker's end of `life` closes."""
-    import trio
+def _watch(proc: subprocess.Popen[bytes], life: int, backstop: float | None) -> str | None:
+    """Wait for the agent's exit (None), the worker's end of `life` closing
+    ("cancelled"), or the backstop ("deadline")."""
+    pidfd = os.pidfd_open(proc.pid)
+    until = None if backstop is None else time.monotonic() + float(backstop)
+    try:
+        while True:
+            timeout = None if until is None else max(0.0, until - time.monotonic())
+            ready, _, _ = select.select([pidfd, life], [], [], timeout)
+            if pidfd in ready:
+                return None
+            if life in ready and not os.read(life, 64):
+                return "cancelled"
+            if until is not None and time.monotonic() >= until:
+                return "deadline"
+    finally:
+        os.close(pidfd)
 
+
+def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM to the group, SIGKILL after `grace` (process.make_group_killer's rule)."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _sweep(pgid: int, token: str) -> list[int]:
+    """Kill the group's stragglers and every process carrying the attempt's marker
+    (`setsid` escapees); reap what was re-parented to us.  The pids still alive after
+    `SWEEP_LIMIT_S` (stuck in the kernel) are returned."""
+    from .probe import tagged
+
+    _signal_group(pgid, signal.SIGKILL)
+    until = time.monotonic() + SWEEP_LIMIT_S
+    marker = f"{TOKEN_ENV}={token}"
     while True:
-        await trio.lowlevel.wait_readable(life)
-        if not os.read(life, 64):
-            scope.cancel()
+        _reap()
+        alive = [p for p in tagged([marker]) if not _zombie(p)]
+        if not alive:
+            return []
+        if time.monotonic() >= until:
+            return alive
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _reap() -> None:
+    """Collect our dead children (escapees re-parented to the subreaper)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
             return
+        if pid == 0:
+            return
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
+def _become_subreaper() -> None:
+    """Orphaned descendants of the agent are re-parented to us, so we can reap them."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
