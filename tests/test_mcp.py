@@ -153,6 +153,7 @@ def test_cancel_stops_a_running_run_and_kills_its_agents(tmp_path: Path) -> None
                 await trio.sleep(0.05)
         assert await _call(session, "cancel", run_id=run_id) == {
             "run_id": run_id, "cancelled": "run"}
+        assert not subprocess.run(["pgrep", "-f", mark], capture_output=True).stdout
         done = await _call(session, "wait", run_id=run_id, timeout_s=60)
         assert done["status"] == "interrupted"
         assert done["tasks"][0]["status"] == "cancelled"
@@ -188,3 +189,34 @@ def test_init_claude_adds_the_server_and_the_command_without_clobbering(
     assert _init(root, "--force").returncode == 0
     assert "mcp__parallel-dispatch__run" in \
         (root / ".claude/commands/parallel-dispatch.md").read_text()
+
+
+def test_cancel_one_task_kills_it_and_skips_its_dependents(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    mark = f"PDT{uuid.uuid4().hex[:8]}"
+    (root / "two.yaml").write_text(
+        "name: two\ntasks:\n"
+        "  - id: slow\n    agent: shell\n    output: slow.md\n"
+        f"    prompt: \"exec bash -c 'exec -a {mark} sleep 300'\"\n"
+        "  - id: after\n    agent: shell\n    output: after.md\n    dependencies: [slow]\n"
+        "    prompt: 'echo never'\n"
+        "  - id: other\n    agent: shell\n    output: other.md\n"
+        "    prompt: 'until [ -e release ]; do sleep 0.05; done; echo other done'\n")
+
+    async def body(session: ClientSession) -> None:
+        run_id = (await _call(session, "run", path="two.yaml"))["run_id"]
+        with trio.fail_after(60):
+            while not subprocess.run(["pgrep", "-f", mark], capture_output=True).stdout:
+                await trio.sleep(0.05)
+        assert await _call(session, "cancel", run_id=run_id, task_id="slow") == {
+            "run_id": run_id, "cancelled": "slow"}
+        assert not subprocess.run(["pgrep", "-f", mark], capture_output=True).stdout
+        (root / "release").write_text("")
+        done = await _call(session, "wait", run_id=run_id, timeout_s=60)
+        statuses = {t["id"]: t["status"] for t in done["tasks"]}
+        assert statuses == {"slow": "cancelled", "after": "skipped", "other": "succeeded"}
+        message = await _error(session, "cancel", run_id=run_id, task_id="slow")
+        assert "already finished" in message
+
+    _with_session(root, body)
+    assert (root / ".aiwg/working/other.md").read_text() == "other done\n"

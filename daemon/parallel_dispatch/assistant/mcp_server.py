@@ -127,7 +127,7 @@ def build_server(runs: Runs) -> Any:
     async def cancel(run_id: str, task_id: str | None = None) -> dict[str, Any]:
         """Stop a run (every running agent is killed, the rest skipped), or one task."""
         try:
-            return runs.cancel(runs.get(run_id), task_id)
+            return await runs.cancel(runs.get(run_id), task_id)
         except ToolInputError as exc:
             raise fail(exc) from None
 

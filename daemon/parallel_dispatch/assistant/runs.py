@@ -22,7 +22,7 @@ from ..errors import DispatchError, TaskFileError
 from ..loader import load_spec
 from ..result import RunResult
 from ..runners import RunnerSet
-from ..scheduler import Scheduler
+from ..scheduler import Refused, Scheduler
 from ..spec import DispatchSpec
 
 INLINE_DIR = ".aiwg/mcp/tasks"
@@ -161,18 +161,28 @@ class Runs:
             await run.done.wait()
         return self.status(run)
 
-    def cancel(self, run: Run, task_id: str | None) -> dict[str, Any]:
+    async def cancel(self, run: Run, task_id: str | None) -> dict[str, Any]:
+        """Stop the run, or one task (its dependents then skipped per the run's policy);
+        returns once what was cancelled has stopped."""
         if run.done.is_set():
             raise ToolInputError(f"run {run.run_id} has already finished")
-        if run.scheduler is None:
+        scheduler = run.scheduler
+        if scheduler is None:
             raise ToolInputError(f"run {run.run_id} is still starting; try again")
         if task_id is None:
-            run.scheduler.interrupt("cancelled by the assistant (MCP `cancel`)")
+            scheduler.interrupt("cancelled by the assistant (MCP `cancel`)")
+            await run.done.wait()
             return {"run_id": run.run_id, "cancelled": "run"}
-        cancel_task = getattr(run.scheduler, "cancel_task", None)
-        if cancel_task is None:
-            raise ToolInputError("cancelling one task is not available; cancel the run")
-        cancel_task(task_id, "cancelled by the assistant (MCP `cancel`)")
+        ids = [t.id for t in run.spec.tasks]
+        if task_id not in ids:
+            raise ToolInputError(f"run {run.run_id} has no task {task_id!r} "
+                                 f"(tasks: {', '.join(ids[:20])})")
+        i = ids.index(task_id)
+        try:
+            scheduler.cancel_task(i, "cancelled by the assistant (MCP `cancel`)")
+        except Refused as exc:
+            raise ToolInputError(f"task {task_id!r} cannot be cancelled: {exc}") from None
+        await scheduler.wait_done(i)
         return {"run_id": run.run_id, "cancelled": task_id}
 
     def result_text(self, run: Run, task_id: str | None, max_bytes: int) -> str:
