@@ -31,6 +31,7 @@ FRONT_ENDS = ("cli", "service", "github", "assistant")
 LAUNCHES = {
     ("parallel_dispatch.cli.main", "parallel_dispatch.service.daemon"),  # `watch`
     ("parallel_dispatch.cli.main", "parallel_dispatch.github.action"),  # `action`
+    ("parallel_dispatch.cli.main", "parallel_dispatch.service.webpage"),  # `serve`, `--http`
     ("parallel_dispatch.cli.main", "parallel_dispatch.assistant.mcp_server"),  # `mcp`
     ("parallel_dispatch.cli.main", "parallel_dispatch.assistant.claude_init"),  # `init --claude`
 }

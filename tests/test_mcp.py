@@ -220,3 +220,35 @@ def test_cancel_one_task_kills_it_and_skips_its_dependents(tmp_path: Path) -> No
 
     _with_session(root, body)
     assert (root / ".aiwg/working/other.md").read_text() == "other done\n"
+
+
+def test_runs_started_over_mcp_answer_the_control_socket(tmp_path: Path) -> None:
+    """`parallel-dispatch cancel RUN-ID` and `status --json` reach a run the assistant
+    started: the MCP server listens on `.aiwg/run/mcp-<pid>.sock`."""
+    root = _project(tmp_path)
+    mark = f"PDK{uuid.uuid4().hex[:8]}"
+    (root / "slow.yaml").write_text(
+        "name: slow\ntasks:\n  - id: s\n    agent: shell\n    output: s.md\n"
+        f"    prompt: \"exec bash -c 'exec -a {mark} sleep 300'\"\n")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "parallel_dispatch", *args], cwd=root,
+                              capture_output=True, text=True, check=False, timeout=60)
+
+    async def body(session: ClientSession) -> None:
+        run_id = (await _call(session, "run", path="slow.yaml"))["run_id"]
+        with trio.fail_after(60):
+            while not subprocess.run(["pgrep", "-f", mark], capture_output=True).stdout:
+                await trio.sleep(0.05)
+        status = await trio.to_thread.run_sync(cli, "status", "--json", str(root))
+        live = json.loads(status.stdout)["runs"]
+        assert any(r.get("run_id") == run_id for r in live), status.stdout
+        cancelled = await trio.to_thread.run_sync(cli, "cancel", run_id, "s",
+                                                  "--project", str(root))
+        assert cancelled.returncode == 0, cancelled.stderr
+        done = await _call(session, "wait", run_id=run_id, timeout_s=60)
+        assert done["tasks"][0]["status"] == "cancelled"
+
+    _with_session(root, body)
+    assert not subprocess.run(["pgrep", "-f", mark], capture_output=True).stdout
+    assert not list((root / ".aiwg" / "run").glob("mcp-*.sock"))  # removed on the way out

@@ -27,8 +27,10 @@ from .budget import history, per_attempt
 from .errors import DispatchError
 from .fmt import now_iso, plural
 from .incremental import Reuse
+from .live import LiveJournal
 from .loader import load_spec
 from .merge import merge_changes
+from .notify import NotifyingProgress, notifying
 from .outputs import clean_staging, clean_stale_staging
 from .probe import pid_alive
 from .process import sweep_run
@@ -107,6 +109,14 @@ async def run_spec(
     scheduler before it starts, so a caller can `interrupt()` it later.
     """
     progress = progress or NullProgress()
+    notify = spec.config.notify
+    if notify is not None and not dry_run and not isinstance(progress, NotifyingProgress):
+        async with notifying(notify, progress) as tee:  # `[notify]`: a tee to notify.py
+            return await run_spec(spec, runner=runner, progress=tee, run_id=run_id,
+                                  handle_signals=handle_signals, reuse=reuse, limiter=limiter,
+                                  scheduler_hook=scheduler_hook, governor=governor)
+    if not dry_run:  # the live page's feed (live.py), beside whatever shows progress
+        progress = LiveJournal(progress)
     real = runner or RunnerSet()
     active: Runner = DryRunRunner(real) if dry_run else real
     fd_note = None
@@ -129,7 +139,7 @@ async def run_spec(
         on_task_done=None if dry_run else _recorder(result, state))
     if scheduler_hook is not None:
         scheduler_hook(scheduler)
-    if isinstance(progress, LiveProgress):
+    if isinstance(progress, LiveProgress | LiveJournal):
         progress.watch_pools(scheduler.governor, trio.current_time)
     if not dry_run:
         _open_output_dir(spec, state, result)

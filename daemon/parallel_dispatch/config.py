@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -150,6 +151,51 @@ class ExecutorConfig(BaseModel):
         return self
 
 
+NotifyEvent = Literal["run_finished", "task_failed", "quota_wait", "task_stalled"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("run_finished", "task_failed", "quota_wait",
+                                          "task_stalled")
+
+
+def _webhook_url(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("webhook must be an http:// or https:// URL with a host")
+    if _UNSAFE.search(url) or any(ch.isspace() for ch in url):
+        raise ValueError("webhook must not hold spaces or control characters")
+    return url
+
+
+class NotifyConfig(BaseModel):
+    """`[notify]`: who is told when a run finishes, a task fails or stalls, or a pool
+    waits for quota (notify.py delivers; README "Notifications")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    webhook: Annotated[StrictStr, AfterValidator(_webhook_url)] | None = None
+    format: Literal["json", "slack"] = "json"
+    """The webhook's body: the event object, or Slack's `{"text": ...}`."""
+    command: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    """An argv (never a shell string): the event object on stdin, `DISPATCH_EVENT*` vars."""
+    events: Annotated[list[NotifyEvent], Field(min_length=1)] = Field(
+        default_factory=lambda: list(NOTIFY_EVENTS))
+    timeout: Annotated[StrictFloat, Field(gt=0, le=300)] = 10.0
+    """Seconds one try may take (a POST, or the command until it is killed)."""
+    retries: Annotated[StrictInt, Field(ge=0, le=10)] = 2
+    """Tries after the first, 1 s, 2 s, 4 s... apart."""
+
+    @model_validator(mode="after")
+    def _has_target(self) -> NotifyConfig:
+        if self.webhook is None and self.command is None:
+            raise ValueError("set webhook = \"https://...\" or command = [...] (or both), "
+                             "or remove [notify]")
+        if self.webhook is None and "format" in self.model_fields_set:
+            raise ValueError("format applies to the webhook only; set webhook or remove "
+                             "format")
+        return self
+
+
 class ConfigDefaults(Settings):
     """`[defaults]`: task-file settings, plus the runner for agents found only as definitions."""
 
@@ -178,6 +224,7 @@ class ConfigFile(BaseModel):
     runners: dict[RunnerName, RunnerConfig] = Field(default_factory=dict)
     pricing: dict[Annotated[str, Field(min_length=1)], Price] = Field(default_factory=dict)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    notify: NotifyConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +239,8 @@ class ProjectConfig:
     pricing: Mapping[str, Price] = field(default_factory=dict)
     """`[pricing."model"]`: prices for runners that report tokens but no cost."""
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    notify: NotifyConfig | None = None
+    """`[notify]`; None when the project has none."""
     lines: Mapping[str, int] = field(default_factory=dict)
     """Lines of the tables errors found only at run time point to (`agents.X.resources`,
     `runners.R.resources`, `executor.resources`)."""
@@ -355,7 +404,7 @@ def load_config(root: Path, path: Path | None = None) -> ProjectConfig:
         ]) from None
     return ProjectConfig(root=root, path=cfg_path, defaults=parsed.defaults, agents=parsed.agents,
                          runners={name: runner for name, runner in parsed.runners.items()},
-                         pricing=parsed.pricing, executor=parsed.executor,
+                         pricing=parsed.pricing, executor=parsed.executor, notify=parsed.notify,
                          lines=_resource_lines(text, parsed))
 
 
@@ -542,9 +591,9 @@ def _toml_line(text: str, loc: tuple[Any, ...]) -> int | None:
     keys = [str(k) for k in loc]
     if not keys:
         return None
-    flat = keys[0] in ("defaults", "executor")  # one table, not one per name
+    flat = keys[0] in ("defaults", "executor", "notify")  # one table, not one per name
     if len(keys) == 1 or keys[0] not in ("agents", "defaults", "runners", "pricing",
-                                         "executor"):
+                                         "executor", "notify"):
         return _top_level_line(lines, keys[0])
     section = keys[0] if flat else f"{keys[0]}.{keys[1]}"
     start = None

@@ -64,8 +64,18 @@ class Activity:
         self.fatal: AgentEvent | None = None
         self.node: str | None = None
         """The cluster node the attempt runs on, once known (None: this machine)."""
+        self.on_start: Callable[[], None] | None = None
+        """Called when the attempt really starts on a cluster node (`ran_on`): until
+        then it may have waited in the cluster's queue."""
         self._idle_scope: trio.CancelScope | None = None
         self._idle_s = 0.0
+
+    def ran_on(self, node: str) -> None:
+        """The attempt started on `node`: the time it queued there is not the agent's."""
+        self.node = node
+        self.saw_output()
+        if self.on_start is not None:
+            self.on_start()
 
     def arm_idle(self, scope: trio.CancelScope, idle_s: float) -> None:
         """Cancel `scope` once the agent has printed nothing for `idle_s` seconds."""

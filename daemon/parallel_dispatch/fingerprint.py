@@ -110,5 +110,7 @@ def task_fingerprint(spec: DispatchSpec, i: int, dep_hashes: Mapping[str, str | 
         "dependencies": {d: dep_hashes.get(d) for d in task.dependencies},
         "files": hash_files(spec.root, task.files) if task.files else None,
     }
+    if task.output_schema is not None:  # only then: other fingerprints stay as they were
+        material["output_schema"] = task.output_schema
     blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()

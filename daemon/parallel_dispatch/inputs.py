@@ -36,7 +36,9 @@ def compose_prompt(spec: DispatchSpec, index: int, mode: InputsMode | None = Non
         parts.append(f"Output: {path}")
         if mode == "inline":
             parts.append("")
-            parts.append(_inline(path, spec.tasks[j].is_directory))
+            # a schema-checked output is JSON: fenced as such
+            lang = "json" if spec.tasks[j].output_schema is not None else ""
+            parts.append(_inline(path, spec.tasks[j].is_directory, lang))
         if spec.isolation(j) == "worktree":
             parts.extend(_changes(spec.patch_path(j), mode,
                                   applied=spec.isolation(index) == "worktree"))
@@ -56,10 +58,10 @@ def _changes(patch: Path, mode: InputsMode, applied: bool) -> list[str]:
     return lines
 
 
-def _inline(path: Path, is_directory: bool) -> str:
+def _inline(path: Path, is_directory: bool, lang: str = "") -> str:
     if is_directory:
         return _directory(path)
-    return _fenced(_read_capped(path))
+    return _fenced(_read_capped(path), lang)
 
 
 def _directory(path: Path) -> str:
@@ -90,8 +92,8 @@ def _read_capped(path: Path) -> str:
     return text
 
 
-def _fenced(text: str) -> str:
+def _fenced(text: str, lang: str = "") -> str:
     """A code fence longer than any backtick run inside, so the content cannot close it."""
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
-    return f"{fence}\n{text}\n{fence}"
+    return f"{fence}{lang}\n{text}\n{fence}"

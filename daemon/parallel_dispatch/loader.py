@@ -13,7 +13,7 @@ import hashlib
 import os
 import posixpath
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from .config import (
     resolve_settings,
 )
 from .errors import ConfigError, Diagnostic, TaskFileError
+from .fanout import Expansion, Item, expand
 from .graph import Graph, find_cycles
 from .model import (
     MAX_ARG_BYTES,
@@ -37,6 +38,7 @@ from .model import (
     MAX_PATH_BYTES,
     RESERVED_OUTPUTS,
     STAGED_NAME,
+    Foreach,
     Settings,
     Task,
     TaskFile,
@@ -50,6 +52,7 @@ _FIELDS: dict[str, list[str]] = {
     "root": list(TaskFile.model_fields),
     "task": list(Task.model_fields),
     "settings": list(Settings.model_fields),
+    "foreach": [f.alias or name for name, f in Foreach.model_fields.items()],
 }
 
 
@@ -76,6 +79,7 @@ def load_spec(
     default_subdir: str | None = None,
     config: ProjectConfig | None = None,
     confine_to: Sequence[Path] = (),
+    foreach_items: Mapping[str, Sequence[Item]] | None = None,
 ) -> DispatchSpec:
     """Parse, validate and resolve one task file; raise `TaskFileError` listing all errors.
 
@@ -83,18 +87,21 @@ def load_spec(
     dir, and `config` replaces reading `.aiwg/dispatch.toml` (the daemon's
     layout, and its config as of the last start or SIGHUP). A file that a symlink
     leads out of its project, the current directory and `confine_to` is refused
-    unread (`check_confined`).
+    unread (`check_confined`). `foreach_items` gives `from:` fan-outs their items
+    (their source's output, fanout.py); without them those stay one unexpanded task.
     """
     root = config.root if config is not None else find_project_root(Path(path), cwd)
     roots = [root, *confine_to] if config is not None else [root, cwd or Path.cwd(), *confine_to]
     check_confined(Path(path), roots)
     with _gc_paused():
-        return _load_spec(Path(path), overrides, config_path, cwd, default_subdir, config)
+        return _load_spec(Path(path), overrides, config_path, cwd, default_subdir, config,
+                          foreach_items)
 
 
 def _load_spec(
     path: Path, overrides: dict[str, Any] | None, config_path: str | Path | None,
     cwd: Path | None, default_subdir: str | None, given_config: ProjectConfig | None,
+    foreach_items: Mapping[str, Sequence[Item]] | None = None,
 ) -> DispatchSpec:
     display = str(path)
     doc = load_yaml(path, display)
@@ -102,6 +109,9 @@ def _load_spec(
     model = checker.validate_model()
     checker.check_graph()
     root = given_config.root if given_config else find_project_root(path, cwd)
+    schemas = checker.check_output_schemas(path, root)
+    if model is not None and schemas:
+        model = _with_schemas(model, schemas)
     config: ProjectConfig | None = given_config
     if config is None:
         try:
@@ -119,17 +129,39 @@ def _load_spec(
         checker.check_outputs(settings.output_dir)
         agents = checker.check_agents(config)
         checker.check_isolation(root, settings.isolation)
+        fanned = Expansion()
         if model is not None and not checker.diagnostics:
-            graph = Graph.build([t.id for t in model.tasks], checker.edges)
+            fanned = checker.check_foreach(model.tasks, root, settings.output_dir,
+                                           foreach_items)
+        if model is not None and not checker.diagnostics:
+            tasks, edges = model.tasks, checker.edges
+            if fanned.tasks:
+                tasks, edges = fanned.tasks, _edges(fanned.tasks)
+                agents = [agents[i] for i in fanned.origin]
+            graph = Graph.build([t.id for t in tasks], edges)
             spec = DispatchSpec(
                 path=path, display=display, name=model.name or path.stem,
-                description=model.description, tasks=tuple(model.tasks),
+                description=model.description, tasks=tuple(tasks),
                 agents=tuple(agents), graph=graph, settings=settings, config=config,
                 source_hash=hashlib.sha256(_as_bytes(doc.text)).hexdigest(),
+                foreach=fanned.groups, foreach_watch=tuple(fanned.watch),
             )
     if checker.diagnostics or spec is None:
         raise TaskFileError(sorted(checker.diagnostics, key=_order))
     return spec
+
+
+def _edges(tasks: Sequence[Task]) -> list[list[int]]:
+    """Dependency edges of the expanded task list (validated before expansion)."""
+    index = {t.id: i for i, t in enumerate(tasks)}
+    return [[index[d] for d in t.dependencies] for t in tasks]
+
+
+def _with_schemas(model: TaskFile, schemas: dict[int, dict[str, Any]]) -> TaskFile:
+    """Each `output_schema` path replaced by the schema it names (already checked)."""
+    tasks = [t.model_copy(update={"output_schema": schemas[i]}) if i in schemas else t
+             for i, t in enumerate(model.tasks)]
+    return model.model_copy(update={"tasks": tasks})
 
 
 def _settings_or_default(data: Any) -> Settings:
@@ -204,7 +236,9 @@ class _Checker:
         kind = err["type"]
         key = str(loc[-1]) if loc else ""
         section = "root"
-        if len(loc) >= 3 and loc[0] == "tasks":
+        if len(loc) >= 4 and loc[0] == "tasks" and loc[2] == "foreach":
+            section = "foreach"
+        elif len(loc) >= 3 and loc[0] == "tasks":
             section = "task"
         elif loc and loc[0] == "settings":
             section = "settings"
@@ -217,7 +251,7 @@ class _Checker:
             return "the task list is empty; add at least one task"
         got = err.get("input")
         field = ".".join(str(p) for p in loc if not isinstance(p, int) or section != "task")
-        if section == "task":
+        if section in ("task", "foreach"):
             field = ".".join(str(p) for p in loc[2:])
         if kind == "string_pattern_mismatch":
             return f"'{field}' must use only letters, digits, '.', '_' and '-' (got {_short(got)})"
@@ -362,6 +396,116 @@ class _Checker:
             self.add(loc, problem)
             return None
         return norm
+
+    def check_foreach(self, tasks: Sequence[Task], root: Path, output_dir: Path,
+                      given: Mapping[str, Sequence[Item]] | None) -> Expansion:
+        """Expand the fan-outs; report their problems, and outputs that collide, at the
+        `foreach` task."""
+        if not any(t.foreach is not None for t in tasks):
+            return Expansion()  # (most files: nothing to do for 50,000 tasks)
+        ids = {t.id: i for i, t in enumerate(tasks)}
+        for i, task in enumerate(tasks):
+            source = task.foreach.from_ if task.foreach is not None else None
+            if source is None:
+                continue
+            if source not in ids or source == task.id or tasks[ids[source]].foreach:
+                what = ("itself" if source == task.id else f"unknown task {_quoted(source)}"
+                        if source not in ids else f"the fan-out {_quoted(source)}")
+                self.add(("tasks", i, "foreach", "from"),
+                         f"from: names {what}; give the id of the one task whose output (a "
+                         "JSON array) lists the items")
+            elif source not in task.dependencies:  # it must finish first
+                tasks = [*tasks[:i], task.model_copy(update={
+                    "dependencies": [*task.dependencies, source]}), *tasks[i + 1:]]
+        if self.diagnostics:
+            return Expansion()
+        fanned = expand(tasks, root, output_dir, given)
+        for i, exc in fanned.problems:
+            where: tuple[str | int, ...] = ("tasks", i, "foreach")
+            if exc.field in ("files", "items", "from"):
+                where = (*where, exc.field)
+            elif exc.field in ("prompt", "output"):
+                where = ("tasks", i, exc.field)
+            self.add(where, str(exc))
+        pairs = list(zip(fanned.tasks, fanned.origin, strict=True))
+        seen = {posixpath.normpath(t.output): n for n, (t, i) in enumerate(pairs)
+                if tasks[i].foreach is None or t.foreach is not None}
+        for n, (task, i) in enumerate(pairs):
+            if tasks[i].foreach is None or task.foreach is not None:
+                continue
+            loc = ("tasks", i, "output")
+            norm = self._unusual_output(loc, task.output, output_dir)
+            if norm is None:
+                return fanned
+            other = seen.setdefault(norm, n)
+            if other != n:
+                self.add(loc, f"output {_quoted(task.output)} of '{task.id}' is also the "
+                              f"output of '{fanned.tasks[other].id}'; put {{stem}}, {{path}}, "
+                              "{item} or {item.<field>} in output so each item gets its own")
+                return fanned
+        return fanned
+
+    def check_output_schemas(self, path: Path, root: Path) -> dict[int, dict[str, Any]]:
+        """Each task's `output_schema` as a checked schema (a path read, relative to the
+        task file); problems are reported at the key, or inside an inline schema."""
+        found: dict[int, dict[str, Any]] = {}
+        for i, raw in enumerate(self.raw_tasks):
+            given = raw.get("output_schema") if isinstance(raw, dict) else None
+            if not isinstance(given, dict | str) or (isinstance(given, str)
+                                                       and not given.strip()):
+                continue  # absent, or a wrong shape the model already reported
+            loc: tuple[str | int, ...] = ("tasks", i, "output_schema")
+            output = raw.get("output")
+            if isinstance(output, str) and output.endswith("/"):
+                self.add(loc, "output_schema needs a file output (the JSON answer), not the "
+                              f"directory {_quoted(output)}; remove the trailing '/'")
+                continue
+            if isinstance(given, str):
+                schema = self._schema_file(loc, given, path, root)
+                if schema is not None:
+                    found[i] = schema
+                continue
+            from .output_schema import schema_problems
+
+            problems = schema_problems(given)
+            for where, problem in problems:
+                self.add((*loc, *where), f"output_schema: {problem}")
+        return found
+
+    def _schema_file(self, loc: tuple[str | int, ...], given: str, path: Path,
+                     root: Path) -> dict[str, Any] | None:
+        """The schema in file `given` (relative to the task file, inside the project or
+        the task file's folder), or None (reported, naming both files)."""
+        from .yamlsafe import load_yaml
+
+        folder = path.parent
+        target = Path(os.path.expanduser(given)) if given.startswith("~") else folder / given
+        real = os.path.realpath(target)
+        if not any(_inside(real, os.path.realpath(r)) for r in (root, folder)):
+            self.add(loc, f"output_schema {_quoted(given)} resolves to {real}, outside the "
+                          f"project ({root}); keep schema files in the project")
+            return None
+        try:
+            doc = load_yaml(target, given)
+        except TaskFileError as exc:
+            first = exc.diagnostics[0]
+            where = f"{first.file}:{first.line}" if first.line is not None else first.file
+            hint = (f" (looked for {os.path.abspath(target)}; the path is relative to the "
+                    "task file)" if first.line is None and "not found" in first.message else "")
+            self.add(loc, f"output_schema: {where}: {first.message}{hint}")
+            return None
+        if not isinstance(doc.data, dict):
+            self.add(loc, f"output_schema: {given}: a JSON Schema must be a mapping (got "
+                          f"{type(doc.data).__name__})")
+            return None
+        from .output_schema import schema_problems
+
+        for where_in, problem in schema_problems(doc.data):
+            pos = doc.positions.of(where_in)
+            at = f"{given}:{pos[0]}" if pos else given
+            self.add(loc, f"output_schema: {at}: {problem}")
+            return None
+        return doc.data
 
     def check_isolation(self, root: Path, default: str) -> None:
         """`isolation: worktree` needs a git repository around the project root."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -19,6 +19,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    model_validator,
 )
 
 OnFailure = Literal["continue", "stop", "retry"]
@@ -110,6 +111,21 @@ Verify = Annotated[list[StrictStr] | VerifyShell, BeforeValidator(_verify_shape)
 """`verify:` an argv list (no shell) or `{shell: ...}`."""
 
 
+def _schema_shape(value: object) -> object:
+    """One clear message for a wrong shape (the schema itself is checked by the loader)."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ValueError("give a JSON Schema as a mapping (output_schema: {type: object, ...}), "
+                     "or the path of a .json or .yaml schema file relative to the task file")
+
+
+OutputSchema = Annotated[dict[str, Any] | StrictStr, BeforeValidator(_schema_shape)]
+"""`output_schema:` a JSON Schema inline, or a schema file's path (the loader replaces the
+path with the parsed schema)."""
+
+
 class Settings(_Strict):
     """Per-file settings; every field is optional so precedence can fill the gaps."""
 
@@ -165,6 +181,49 @@ class Settings(_Strict):
         "failed (default 600000: 10 min).")
 
 
+MAX_FOREACH_ITEMS = 100_000
+"""The highest `max_items`: each item is a task, and a plan of 100,000 is already slow."""
+ForeachItem = StrictStr | dict[StrictStr, StrictStr | StrictInt | float | StrictBool | None]
+"""A `foreach: items:` entry: a string, or a small flat mapping (`{item.field}`)."""
+
+
+class Foreach(_Strict):
+    """Fan-out: one task per file, per listed item, or per element of another task's
+    output (a JSON array); give exactly one of files, items, from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              json_schema_extra={"oneOf": [{"required": ["files"]},
+                                                           {"required": ["items"]},
+                                                           {"required": ["from"]}]})
+
+    files: list[Annotated[StrictStr, Field(min_length=1),
+                          AfterValidator(_relative_glob)]] | None = Field(
+        None, description="Globs relative to the project root (recursive '**' allowed): one "
+        "task per matched file, in sorted order; {path} and {stem} name it.")
+    exclude: list[Annotated[StrictStr, Field(min_length=1),
+                            AfterValidator(_relative_glob)]] = Field(
+        default_factory=list, description="Globs of files left out of 'files'.")
+    items: list[ForeachItem] | None = Field(
+        None, description="One task per item: strings, or mappings ({item.field}; a 'key' "
+        "field names the task, else its position).")
+    from_: Annotated[StrictStr, Field(min_length=1)] | None = Field(
+        None, alias="from", description="Id of a task whose output is a JSON array: one task "
+        "per element, expanded when that task succeeds.")
+    max_items: Annotated[StrictInt, Field(ge=1, le=MAX_FOREACH_ITEMS)] = Field(
+        500, description="Refuse an expansion of more items than this (default 500).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Foreach:
+        given = [k for k, v in (("files", self.files), ("items", self.items),
+                                ("from", self.from_)) if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of files:, items: or from: (got "
+                             f"{', '.join(given) or 'none'})")
+        if self.exclude and self.files is None:
+            raise ValueError("exclude: applies to files: only")
+        return self
+
+
 class Task(_Strict):
     """One agent invocation and the file or directory it produces."""
 
@@ -207,6 +266,15 @@ class Task(_Strict):
     max_tokens: Annotated[StrictInt, Field(gt=0)] | None = Field(
         None, description="This task's token budget (input + output) over all its attempts; "
         "reaching it stops retries.")
+    output_schema: OutputSchema | None = Field(
+        None, description="A JSON Schema (Draft 2020-12) the answer must match, inline or "
+        "as a .json/.yaml file relative to the task file: the output is JSON only "
+        "(pretty-printed, sorted keys); a mismatch fails the attempt and a retry is told "
+        "why.")
+    foreach: Foreach | None = Field(
+        None, description="Fan out: one task per file, item or element of another task's "
+        "output, with ids '<id>[<key>]' and {item}, {item.field}, {path}, {stem} replaced in "
+        "prompt and output; dependents wait for all of them.")
 
     @property
     def is_directory(self) -> bool:

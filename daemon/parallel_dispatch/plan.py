@@ -9,7 +9,7 @@ behind short side branches.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .graph import Graph
 
@@ -92,6 +92,40 @@ class Plan:
                 if missing[c] == 0 and not closed[c]:
                     push(ready, rank[c])
         return order
+
+    def is_closed(self, i: int) -> bool:
+        """Finished, or given up (a task cancelled from outside may still sit in the heap)."""
+        return self._closed[i]
+
+    def reopen(self, tasks: Iterable[int], done: Callable[[int], bool]) -> None:
+        """Open finished tasks again (a re-run asked from outside, scheduler.py).
+
+        Each waits for its dependencies that are reopened too or not `done` (succeeded),
+        like a task that was never run; those with none left are ready at once.
+        """
+        family = set(tasks)
+        for t in family:
+            self._closed[t] = False
+        for t in sorted(family):
+            self._missing[t] = sum(1 for d in self.graph.deps[t] if d in family or not done(d))
+            if self._missing[t] == 0:
+                self._push(t)
+
+    def grow(self, graph: Graph, priority: Sequence[float], join: int) -> None:
+        """Take in tasks appended to the graph (a `foreach: from:` expanded at run time,
+        fanout.py): they rank after the others; `join`, popped already, waits for them."""
+        old = len(self._missing)
+        self.graph, self.priority = graph, priority
+        for i in range(old, len(graph)):
+            self._rank.append(len(self._by_rank))
+            self._by_rank.append(i)
+            self._closed.append(False)
+            self._missing.append(sum(1 for d in graph.deps[i] if not self._closed[d]))
+            if self._missing[i] == 0:
+                self._push(i)
+        self._missing[join] = len(graph) - old
+        if self._missing[join] == 0:
+            self._push(join)
 
     def drain(self) -> list[int]:
         """Close everything not yet finished (stop/interrupt); return those tasks."""

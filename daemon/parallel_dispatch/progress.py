@@ -111,6 +111,7 @@ class PlainProgress:
 
     def task_finished(self, rec: TaskRecord) -> None:
         self.done += 1
+        self.total = max(self.total, len(rec.spec.tasks))  # a `foreach: from:` grew the run
         self._shown.pop(rec.id, None)
         self._line(f"{_describe_end(rec)}  [{self.done}/{self.total}]")
 

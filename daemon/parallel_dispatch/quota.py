@@ -236,6 +236,15 @@ class Parking:
         """The pools some task waits for."""
         return [pool for pool, heap in self._heaps.items() if heap]
 
+    def discard(self, task: int) -> None:
+        """Forget one parked task (cancelled from outside: control.py)."""
+        for pool, heap in self._heaps.items():
+            kept = [entry for entry in heap if entry[1] != task]
+            if len(kept) != len(heap):
+                pool.waiting -= len(heap) - len(kept)
+                heapq.heapify(kept)
+                heap[:] = kept
+
     def clear(self) -> None:
         """Forget every parked task (the run ends; they are drained as not started)."""
         for pool, heap in self._heaps.items():

@@ -15,10 +15,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import costs, quota
+from . import costs, fanout, quota
 from .atomic import write_text
 from .events import CAUSES
 from .fmt import fmt_duration, now_iso, rel_path
+from .output_schema import MISMATCH
 from .result import MARKS, OK, PROBLEMS, RunResult, RunStatus, TaskRecord, TaskStatus
 
 REPORT_MD = "dispatch-report.md"
@@ -120,6 +121,8 @@ def to_json(result: RunResult) -> dict[str, Any]:
         entry.update({**costs.EMPTY, **r.metrics})
         if spec.isolation(r.index) == "worktree":  # only then: other reports as before
             entry["changes"] = r.changes
+        if spec.tasks[r.index].output_schema is not None:  # only then: others as before
+            entry["schema"] = _schema_entry(r)
         if r.nodes:  # only then: reports of local runs read as before
             entry["nodes"] = list(r.nodes)
         if r.quota_waits:  # only then: reports of runs never limited read as before
@@ -164,6 +167,8 @@ def to_json(result: RunResult) -> dict[str, Any]:
         data["summary"]["conflicts"] = result.count(TaskStatus.CONFLICT)
         data["summary"]["merge_failed"] = result.count(TaskStatus.MERGE_FAILED)
         data["merge"] = result.merge
+    if spec.foreach:  # only then: reports without fan-outs read as before
+        data["foreach"] = {g: list(members) for g, members in spec.foreach.items()}
     if result.pools:
         data["summary"]["waited_for_quota"] = sum(1 for t in tasks if t.get("quota_waits"))
         data["pools"] = result.pools
@@ -213,11 +218,17 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
         "| Task | Agent | Duration | Status | Attempts | Output |",
         "|------|-------|----------|--------|----------|--------|",
     ]
-    for t in data["tasks"]:
-        waited = (f" (waited {t['quota_waits']}× for quota, {fmt_duration(t['quota_wait_s'])})"
-                  if t.get("quota_waits") else "")
-        lines.append(f"| {t['id']} | {t['agent']} | {fmt_duration(t['duration_s'])} | "
-                     f"{_status_cell(t['status'])}{waited} | {t['attempts']} | {t['output']} |")
+    groups: dict[str, list[str]] = data.get("foreach", {})
+    by_id = {t["id"]: t for t in data["tasks"]}
+    for tid, members in fanout.grouped(list(by_id), groups):
+        if members:  # a fan-out: a header, then its first tasks (all in the JSON report)
+            lines.append(_group_row(tid, [by_id[m] for m in members], by_id.get(tid)))
+            shown, more = fanout.collapsed(members)
+            lines += [_task_row(by_id[m]) for m in shown]
+            if more:
+                lines.append(f"| … {more:,} more of {tid} (dispatch-report.json) | | | | | |")
+        else:
+            lines.append(_task_row(by_id[tid]))
     lines += costs.markdown(data)
     lines += quota.markdown(data)
     lines += _nodes_markdown(data)
@@ -241,7 +252,8 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
     lines += _changes_markdown(data)
     lines += _merge_markdown(data)
     lines += ["", "## Outputs"]
-    outs = [t for t in data["tasks"] if t["status"] in (TaskStatus.SUCCEEDED, TaskStatus.CACHED)]
+    outs = [t for t in data["tasks"] if t["status"] in (TaskStatus.SUCCEEDED, TaskStatus.CACHED)
+            and not groups.get(t["id"])]  # (a `from:` fan-out's join writes nothing)
     for t in outs:
         slash = "/" if t["output"].endswith("/") else ""
         lines.append(f"- {rel_path(Path(t['output_path']), root)}{slash}")
@@ -251,6 +263,48 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
     if gantt:
         lines += ["", "## Timeline chart", "", *gantt]
     return "\n".join(lines) + "\n"
+
+
+def _schema_entry(r: TaskRecord) -> dict[str, Any]:
+    """`output_schema`'s verdict: ok once the output matched (cached outputs matched when
+    they were made); else the mismatch that ended the task (None when it failed for another
+    reason, before any answer was checked)."""
+    if r.ok and r.status != TaskStatus.PLANNED:
+        return {"ok": True, "error": None}
+    error = r.error or ""
+    at = error.find(MISMATCH)
+    reason = error[at + len(MISMATCH):].lstrip(": ") if at >= 0 else ""
+    return {"ok": False, "error": reason or None}
+
+
+def _schema_cell(schema: dict[str, Any] | None) -> str:
+    """" · schema ✓" / " · schema ✗ <first error>" after a status, for checked tasks."""
+    if schema is None or (not schema["ok"] and schema["error"] is None):
+        return ""
+    if schema["ok"]:
+        return " · schema ✓"
+    first = str(schema["error"]).split("; ", 1)[0]
+    return f" · schema ✗ {_md_escape_line(first)}".replace("|", "\\|")
+
+
+def _task_row(t: dict[str, Any]) -> str:
+    waited = (f" (waited {t['quota_waits']}× for quota, {fmt_duration(t['quota_wait_s'])})"
+              if t.get("quota_waits") else "")
+    checked = _schema_cell(t.get("schema"))
+    return (f"| {t['id']} | {t['agent']} | {fmt_duration(t['duration_s'])} | "
+            f"{_status_cell(t['status'])}{waited}{checked} | {t['attempts']} | "
+            f"{t['output']} |")
+
+
+def _group_row(gid: str, members: list[dict[str, Any]], join: dict[str, Any] | None) -> str:
+    """A fan-out's line: how many of its tasks ended how."""
+    counts: dict[str, int] = {}
+    for t in members:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    text = " · ".join(f"{n} {_status_cell(st)}" for st, n in counts.items())
+    agent = members[0]["agent"]
+    output = join["output"] if join is not None else ""
+    return f"| **{gid}** (foreach, {len(members):,}) | {agent} | | {text} | | {output} |"
 
 
 def _changes_markdown(data: dict[str, Any]) -> list[str]:

@@ -4,6 +4,9 @@ All attempts of a run live in one trio nursery.  The loop starts the most
 urgent ready task whenever a slot is free, so there is no barrier between
 waves.  Each attempt gets its deadline as a cancel scope opened right where the
 timeout is decided; `stop` and interrupts cancel the per-attempt scopes.
+
+From outside (control.py, the same trio thread) one task can be cancelled
+(`cancel_task`) or a finished one run again (`rerun_task`) while the run goes on.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import pricing
+from . import fanout, pricing
 from .budget import Ledger, Usage, Verdict
 from .events import CAUSES, Activity, AgentEvent
 from .fmt import fmt_duration, plural
@@ -25,7 +28,7 @@ from .model import MAX_BACKOFF_S
 from .plan import Plan, expected_durations
 from .progress import NullProgress, Progress
 from .quota import MAX_QUOTA_WAITS, RATE_CAUSES, Governor, Parking, Pool, beyond_wait
-from .result import PROBLEMS, RunResult, TaskRecord, TaskStatus, verb
+from .result import COUNTED, PROBLEMS, RunResult, TaskRecord, TaskStatus, verb
 from .runners.base import Job, Outcome, Runner
 from .spec import DispatchSpec
 from .writesets import clashes
@@ -61,6 +64,11 @@ class _Wake:
 
 
 _Msg = _Finished | _RetryDue | _Wake
+
+
+class Refused(Exception):
+    """A control request (`cancel_task`, `rerun_task`) that cannot be honoured now; the
+    message says why, for the person who asked."""
 
 
 
@@ -135,12 +143,133 @@ class Scheduler:
         self._finished = False
         """The loop ran to its end (False: cancelled from outside, or a runner raised)."""
         self._closed = False
+        self._open = False
+        """The loop is running and may still start tasks (a re-run needs it)."""
+        self._launched: set[int] = set()
+        """Tasks with an attempt started in the nursery whose end is not handled yet."""
+        self._cancels: dict[int, str] = {}
+        """Tasks cancelled from outside → why, until they are settled `cancelled`."""
+        self._forced: set[int] = set()
+        """Tasks the cache must not answer for (re-run from outside)."""
+        self._watchers: dict[int, list[trio.Event]] = {}
+        """Task → events set when it is settled (`wait_done`)."""
 
     # -- public control -----------------------------------------------------------
     def interrupt(self, why: str = "run interrupted") -> None:
         """Cancel running attempts and start nothing more (Ctrl-C, SIGTERM, file changed)."""
         self.result.interrupted = True
         self._stop(why)
+
+    def cancel_task(self, i: int, why: str) -> None:
+        """Cancel task `i` wherever it is; it ends `cancelled` with `why` as its reason.
+
+        A running attempt is cancelled like on `interrupt()` (its runner kills its
+        process group) and settled when it has stopped; a task waiting (for its
+        dependencies, a slot, a retry's backoff or quota) is settled now.  Its dependents
+        are then treated as after any task that did not succeed (`_fail`: skipped, or
+        the run stops under `on_failure: stop`); it is never retried.  Raises `Refused`
+        when the task has already finished or the run has ended.
+        """
+        rec = self.records[i]
+        if self._closed or self._send is None:
+            raise Refused("the run has ended")
+        if i in self._cancels:
+            raise Refused(f"task '{rec.id}' is already being cancelled")
+        if not self._is_live(i):
+            raise Refused(f"task '{rec.id}' already finished ({rec.status.label})")
+        self._cancels[i] = why
+        if i in self._launched:  # running, or queued for a slot: `_handle` settles it
+            scope = self._scopes.get(i)
+            if scope is not None:
+                scope.cancel()  # (not yet entered: `_attempt` sees `_cancels` at once)
+        elif i in self._backoffs:  # its `_RetryDue` settles it
+            self._backoffs[i].cancel()
+        else:  # pending, ready, or parked by a pool: it never starts
+            self._parked.discard(i)
+            self._settle_cancelled(i, None)
+
+    def rerun_task(self, i: int) -> list[str]:
+        """Run finished task `i` again, then its dependents as for a first run.
+
+        Its dependents that finished are reopened too (those whose other dependencies
+        did not succeed keep their status); the cache does not answer for `i`.
+        Attempts start again from one; cost and busy time add up.  Raises `Refused`
+        while `i` or a dependent still runs or waits, and once the run's loop has
+        ended (nothing would start them).  Returns the ids reopened.
+        """
+        rec = self.records[i]
+        if not self._open or self._stopping is not None:
+            raise Refused("the run has ended" if not self._open
+                          else f"the run is stopping ({self._stopping})")
+        if self._is_live(i):
+            raise Refused(f"task '{rec.id}' has not finished ({rec.status.label})")
+        family = self._rerun_family(i)
+        busy = [self.records[d].id for d in family if self._is_live(d)]
+        if busy:
+            raise Refused(f"task '{rec.id}' has dependents that have not finished "
+                          f"({', '.join(busy)}); cancel them or wait")
+        for d in family:
+            _reset(self.records[d])
+        self._forced.add(i)
+        self.plan.reopen(family, self._succeeded_before)
+        self._wake()
+        return [self.records[d].id for d in family]
+
+    def force(self, i: int) -> None:
+        """Run task `i` even if the cache could reuse its output (a re-run asked of the
+        daemon for a run that has ended: a new run with this task forced)."""
+        self._forced.add(i)
+
+    async def wait_done(self, i: int) -> None:
+        """Until task `i` is settled (at once if it is); for whoever cancelled it."""
+        if self._is_live(i) and not self._closed:
+            event = trio.Event()
+            self._watchers.setdefault(i, []).append(event)
+            await event.wait()
+
+    def retrying(self, i: int) -> bool:
+        """Waiting out a retry's backoff (its status is still the last failure's)."""
+        return i in self._backoffs
+
+    def _is_live(self, i: int) -> bool:
+        """Not finished yet: pending, running, queued, retrying or waiting for quota."""
+        return (i in self._launched or i in self._backoffs
+                or self.records[i].status not in COUNTED)
+
+    def _succeeded_before(self, i: int) -> bool:
+        return self.records[i].status in (TaskStatus.SUCCEEDED, TaskStatus.CACHED)
+
+    def _rerun_family(self, i: int) -> list[int]:
+        """`i` and each dependent all of whose other dependencies succeeded or rerun."""
+        family = {i}
+        below = set(self.spec.graph.descendants(i))
+        for d in self.spec.graph.order:
+            if d in below and all(p in family or self._succeeded_before(p)
+                                  for p in self.spec.graph.deps[d]):
+                family.add(d)
+        return sorted(family)
+
+    def _settle_cancelled(self, i: int, msg: _Finished | None) -> None:
+        """End task `i` `cancelled` from outside; its dependents as for a failure."""
+        rec = self.records[i]
+        if msg is not None and msg.status is not None:  # it ran: count what it used
+            rec.end_s = msg.end
+            rec.busy_s += msg.end - msg.start
+            rec.exit_code = None
+            if msg.node is not None:
+                rec.nodes.append(msg.node)
+            if msg.outcome is not None:
+                pricing.add_attempt(rec.metrics, msg.outcome.metrics)
+        if rec.quota_since is not None:
+            rec.quota_wait_s += self._now() - rec.quota_since
+            rec.quota_since = None
+        rec.status = TaskStatus.CANCELLED
+        rec.reason = self._cancels[i]
+        rec.error = rec.cause = None
+        self._done(rec)
+        self._fail(i, rec)
+        del self._cancels[i]
+        self._wake()  # the loop may be waiting with nothing left: let it see the end
 
     def _stop(self, why: str) -> None:
         if self._stopping is None:
@@ -167,9 +296,11 @@ class Scheduler:
         send, recv = trio.open_memory_channel[_Msg](math.inf)
         self._t0 = trio.current_time()
         self._send = send
+        self._open = True
         try:
             await self._loop(send, recv)
         finally:
+            self._open = False
             for pool in self.governor.pools.values():
                 pool.on_release.pop(id(self), None)
             self._parked.clear()  # drained below as not started: not waiting any more
@@ -188,6 +319,9 @@ class Scheduler:
                     i = self._next_ready()
                     if i is None:
                         break
+                    if self.spec.tasks[i].foreach is not None:  # `from:`: no process
+                        self._fan_out(i)
+                        continue
                     if self._credentials_rejected(i):
                         continue
                     if not self._admit_budget(i):
@@ -199,10 +333,12 @@ class Scheduler:
                         continue
                     running += 1
                     self._take_pools(i)
+                    self._launched.add(i)
                     nursery.start_soon(self._attempt, i, send)
                 if running == 0 and not self._backoffs and not (
                         self._parked.pools() and self._stopping is None
                         and not self._over_budget()):
+                    self._open = False  # from here on nothing starts: no re-run
                     break
                 self._arm_wakeup(nursery)
                 msg = await recv.receive()
@@ -211,7 +347,9 @@ class Scheduler:
                     continue
                 if isinstance(msg, _RetryDue):
                     self._backoffs.pop(msg.index, None)
-                    if self._stopping is None:
+                    if msg.index in self._cancels:
+                        self._settle_cancelled(msg.index, None)
+                    elif self._stopping is None:
                         self.plan.requeue(msg.index)
                     else:
                         self._finish_record(msg.index)
@@ -250,6 +388,8 @@ class Scheduler:
             self.plan.requeue(j)
         while self.plan.has_ready():
             i = self.plan.pop_ready()
+            if self.plan.is_closed(i):
+                continue  # cancelled from outside while it was ready
             refusing = next((p for p in self._pools_of(i)
                              if p.blocked_until(now) is not None), None)
             if refusing is None:
@@ -397,9 +537,10 @@ class Scheduler:
         try:
             with trio.CancelScope() as stop_scope:
                 self._scopes[i] = stop_scope
-                if self._stopping is not None:
+                if self._stopping is not None or i in self._cancels:
                     stop_scope.cancel()
-                if rec.attempts == 0 and self.reuse is not None and await self.reuse.lookup(i):
+                if (rec.attempts == 0 and self.reuse is not None
+                        and await self.reuse.lookup(i) and i not in self._forced):
                     now = self._now()
                     msg = _Finished(i, 0, TaskStatus.CACHED, None, now, now)
                 else:
@@ -424,7 +565,8 @@ class Scheduler:
         activity = self._activities[i] = Activity(on_event=lambda ev: self._on_event(rec, ev))
         job = Job(self.spec, i, rec.attempts, self.result.run_id, activity=activity)
         start = self._started[i] = self._now()
-        if rec.start_s is None:
+        first = rec.start_s is None
+        if first:
             rec.start_s = start
         rec.status = TaskStatus.RUNNING
         self.progress.task_started(rec)
@@ -432,7 +574,17 @@ class Scheduler:
         idle_s = self.spec.idle_timeout_s(i)
         # Both deadlines are decided here, so this is where their cancel scopes open: the
         # task's timeout, and the idle deadline that each line of agent output pushes on.
-        with trio.move_on_after(self.spec.timeout_s(i)) as deadline:
+        timeout_s = self.spec.timeout_s(i)
+        with trio.move_on_after(timeout_s) as deadline:
+            def started_on_node() -> None:
+                """A cluster ran it only now: its timeout and times start here."""
+                nonlocal start
+                start = self._started[i] = self._now()
+                if first:
+                    rec.start_s = start
+                deadline.deadline = trio.current_time() + timeout_s
+
+            activity.on_start = started_on_node
             with trio.CancelScope() as idle:
                 if idle_s is not None:
                     activity.arm_idle(idle, idle_s)
@@ -471,6 +623,50 @@ class Scheduler:
                 pool.alive()
         self.progress.task_event(rec, ev)
 
+    def _fan_out(self, i: int) -> None:
+        """A `foreach: from:` task, once its source has succeeded, becomes one task per
+        element of the source's output (fanout.py), appended to the run; it is then
+        their join, and succeeds when they all have (a dry run: at once)."""
+        rec = self.records[i]
+        task = self.spec.tasks[i]
+        rec.start_s = rec.start_s if rec.start_s is not None else self._now()
+        if task.id in self.spec.foreach or self.result.dry_run:
+            rec.end_s = self._now()
+            members = [self.records[self.spec.index(m)]
+                       for m in self.spec.foreach.get(task.id, ())]
+            if members and all(m.status == TaskStatus.CACHED for m in members):
+                rec.status, rec.reason = TaskStatus.CACHED, "all its tasks were cached"
+                self.plan.succeeded(i)
+                self._done(rec)
+            else:
+                self._succeeded(i, rec)
+            return
+        assert task.foreach is not None and task.foreach.from_ is not None
+        source = self.spec.output_path(self.spec.index(task.foreach.from_))
+        try:
+            grown = fanout.grow(self.spec, i,
+                                fanout.items_from_output(source, task.foreach.max_items))
+        except fanout.FanoutError as exc:
+            rec.status, rec.error, rec.end_s = TaskStatus.FAILED, f"foreach: {exc}", self._now()
+            self._done(rec)
+            self._fail(i, rec)
+            return
+        old = len(self.spec.tasks)
+        self.spec = self.result.spec = self.budget.spec = grown
+        if self.reuse is not None:
+            self.reuse.spec = grown
+        levels = grown.graph.levels()
+        for r in self.records:
+            r.spec = grown
+        self.records.extend(TaskRecord(id=t.id, agent=t.agent, wave=levels[j] + 1,
+                                       output=t.output, spec=grown, index=j)
+                            for j, t in enumerate(grown.tasks[old:], start=old))
+        self._pools.extend([None] * (len(grown.tasks) - old))
+        if any(t.writes for t in grown.tasks[old:]):  # (pools by name: the same ones again)
+            self._write_pools = _write_pools(grown, self.governor)
+        priority = list(self.plan.priority)
+        self.plan.grow(grown.graph, priority + [priority[i]] * (len(grown.tasks) - old), i)
+
     def _succeeded(self, i: int, rec: TaskRecord) -> None:
         rec.status = TaskStatus.SUCCEEDED
         rec.error = None
@@ -484,7 +680,13 @@ class Scheduler:
         held = self._held.pop(i, ())
         signalled = i in self._signalled
         self._signalled.discard(i)
+        self._launched.discard(i)
         self._settle_budget(msg)
+        if i in self._cancels:
+            if msg.status not in (TaskStatus.SUCCEEDED, TaskStatus.CACHED):
+                self._settle_cancelled(i, msg)
+                return
+            del self._cancels[i]  # it finished just before the cancel reached it
         if msg.status is None and i not in self._blocked:
             return  # stopped while queued: `_close_leftovers` reports it as not started
         if i in self._blocked:  # cancelled because its runner's credentials were rejected
@@ -697,8 +899,8 @@ class Scheduler:
         return True
 
     def _fail(self, i: int, rec: TaskRecord) -> None:
-        if rec.status == TaskStatus.CANCELLED:
-            return
+        if rec.status == TaskStatus.CANCELLED and i not in self._cancels:
+            return  # the run is stopping: its dependents are drained as not started
         if self.spec.settings.on_failure == "stop" and self._stopping is None:
             self._stop(f"on_failure is 'stop' and task '{rec.id}' {verb(rec.status)}")
             return
@@ -776,6 +978,8 @@ class Scheduler:
         self.progress.task_finished(rec)
         if self.on_task_done is not None:
             self.on_task_done(rec)
+        for event in self._watchers.pop(rec.index, ()):
+            event.set()
 
     def _now(self) -> float:
         return trio.current_time() - self._t0
@@ -796,3 +1000,12 @@ def _write_pools(spec: DispatchSpec, governor: Governor) -> dict[int, list[Pool]
         pools.setdefault(i, []).append(pool)
         pools.setdefault(j, []).append(pool)
     return pools
+
+
+def _reset(rec: TaskRecord) -> None:
+    """A finished task's record made pending again for a re-run (its cost and busy time
+    stay: they were spent)."""
+    rec.status = TaskStatus.PENDING
+    rec.attempts = rec.quota_waits = 0
+    rec.start_s = rec.end_s = rec.exit_code = None
+    rec.error = rec.reason = rec.cause = rec.last_event = rec.event = None

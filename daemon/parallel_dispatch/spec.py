@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -33,6 +34,10 @@ class DispatchSpec:
     config: ProjectConfig
     source_hash: str = ""
     """sha256 of the task file's bytes, to tell whether the file changed since a run."""
+    foreach: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Each `foreach` task's id → its expanded tasks' ids, in item order (fanout.py)."""
+    foreach_watch: tuple[str, ...] = ()
+    """`foreach: files:` globs: a file that starts matching adds a task (the daemon)."""
 
     @property
     def root(self) -> Path:

@@ -426,3 +426,21 @@ def test_the_daemon_runs_task_files_on_the_cluster(ray_cluster: RayCluster,
     task = json.loads(report.read_text())["tasks"][0]
     assert task["status"] == "succeeded" and task["nodes"], task
     assert (root / ".aiwg/working/hello/hi.md").read_text() == "hello from a node\n"
+
+
+def test_time_queued_in_the_cluster_counts_against_no_timeout(
+        ray_cluster: RayCluster, tmp_path: Path) -> None:
+    """Three tasks that each take a whole node (agent_slot 2) on two nodes: the third
+    waits in Ray's queue until one is free.  Its timeout and its times start when it
+    starts on a node, not when the dispatcher handed it over."""
+    toml = '[executor]\nresources = { agent_slot = 2 }\n'
+    tasks = "name: queued\nsettings: {timeout_per_task: 6000}\ntasks:\n" + "".join(
+        f"  - id: q{i}\n    agent: shell\n    output: q{i}.md\n    prompt: 'sleep 4; echo {i}'\n"
+        for i in range(3))
+    root = _project(tmp_path, toml, tasks)
+    code, text = _finish(_cli(root, ray_cluster))
+    assert code == 0, text  # the queued one would have timed out at 6 s otherwise
+    durations = sorted(t["duration_s"] for t in _tasks(root).values())
+    assert durations[-1] < 6.0, durations
+    starts = sorted(t["start_s"] for t in _tasks(root).values())
+    assert starts[-1] >= 3.5, starts  # after the first two had held both nodes ~4 s

@@ -17,6 +17,8 @@ Steps (see `StubServer.behave`):
 * "hang" — no answer at all (the base holds the connection);
 * "tool:Bash" — a `tool_use` block asking Bash to `touch <marker>`; once the request
   carries that call's `tool_result`, a final text that quotes the result.
+* "tool:StructuredOutput" — the call `claude --json-schema` asks for, with `text` parsed
+  as JSON as its input; then a final text as for Bash.
 
 A request with another key than `key` gets the 401 whatever the step.  429, 500 and 529
 carry `x-should-retry: true` (as api.anthropic.com sends with a 429); a 401 carries no
@@ -168,8 +170,12 @@ class AnthropicStub(StubServer):
             self._answer(req, reply, [{"type": "text", "text": self.text}], "end_turn")
 
     def _tool_use(self, tool: str) -> dict[str, Any]:
+        if tool == "StructuredOutput":  # `claude --json-schema`'s answer: `text` as JSON
+            return {"type": "tool_use", "id": f"toolu_stub{next(self._ids):06d}",
+                    "name": tool, "input": json.loads(self.text)}
         if tool != "Bash":
-            raise ValueError(f"the stub only scripts Bash calls, not {tool!r}")
+            raise ValueError(f"the stub only scripts Bash and StructuredOutput calls, not "
+                             f"{tool!r}")
         marker = self.marker or Path("/nonexistent/pd-stub-marker")
         return {"type": "tool_use", "id": f"toolu_stub{next(self._ids):06d}", "name": "Bash",
                 "input": {"command": f"touch {marker}",

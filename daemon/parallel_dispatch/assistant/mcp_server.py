@@ -9,6 +9,7 @@ served on trio, which the SDK's anyio supports.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Literal
 import trio
 from pydantic import Field
 
+from ..control import ControlServer, socket_dir
 from ..errors import TaskFileError
 from ..runners import RunnerSet
 from .runs import (
@@ -112,7 +114,7 @@ def build_server(runs: Runs) -> Any:
                 return runs.status(runs.get(run_id))
         except ToolInputError as exc:
             raise fail(exc) from None
-        return {"runs": [runs.status(r) for r in runs.runs.values()]}
+        return {"runs": [runs.status(r) for r in runs.by_id.values()]}
 
     @server.tool()
     async def wait(run_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
@@ -177,10 +179,17 @@ async def serve(root: Path) -> None:
     (their agents killed, partial reports written)."""
     runs = Runs(root)
     server = build_server(runs)
+    control = ControlServer(runs, socket_dir(root) / f"mcp-{os.getpid()}.sock")
+    await control.bind()  # outside the nursery: its error is not wrapped in a group
     async with trio.open_nursery() as nursery:
         runs.bind(nursery)
-        await server.run_stdio_async()
-        nursery.cancel_scope.cancel()
+        nursery.start_soon(control.serve)
+        try:
+            await server.run_stdio_async()
+        finally:
+            with trio.CancelScope(shield=True):
+                await control.close()
+            nursery.cancel_scope.cancel()
 
 
 def run_mcp(root: Path) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from ..api import new_run_id, overrides_from, run_spec
+from ..control import ControlError, ControlledRun
 from ..errors import DispatchError, TaskFileError
 from ..loader import load_spec
 from ..result import RunResult
@@ -50,11 +51,16 @@ class Run:
 
 
 class Runs:
-    """The runs of one MCP server process, by id; `start` needs `bind(nursery)` first."""
+    """The runs of one MCP server process, by id; `start` needs `bind(nursery)` first.
+
+    Also what the server's control socket serves (`control.Controlled`), so
+    `parallel-dispatch cancel RUN-ID` and `status --json` reach these runs too."""
+
+    kind = "mcp"
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
-        self.runs: dict[str, Run] = {}
+        self.by_id: dict[str, Run] = {}
         self._nursery: trio.Nursery | None = None
 
     def bind(self, nursery: trio.Nursery) -> None:
@@ -115,7 +121,7 @@ class Runs:
             raise RuntimeError("Runs.start before bind")
         spec = self.load(file, options)
         run = Run(new_run_id(), spec, self.display(file))
-        self.runs[run.run_id] = run
+        self.by_id[run.run_id] = run
         self._nursery.start_soon(self._run, run)
         return run
 
@@ -131,10 +137,19 @@ class Runs:
         finally:
             run.done.set()
 
+    def runs(self) -> list[ControlledRun]:
+        return [ControlledRun(Path(r.task_file).stem, self.root / r.task_file,
+                              None if r.done.is_set() else r.scheduler, r.result)
+                for r in self.by_id.values()]
+
+    def rerun_ended(self, run: ControlledRun, task: str) -> dict[str, Any]:
+        raise ControlError(f"the run of {run.name} has ended; start it again with the MCP "
+                           "`run` tool", "refused")
+
     def get(self, run_id: str) -> Run:
-        run = self.runs.get(run_id)
+        run = self.by_id.get(run_id)
         if run is None:
-            known = ", ".join(sorted(self.runs)[-5:]) or "none yet"
+            known = ", ".join(sorted(self.by_id)[-5:]) or "none yet"
             raise ToolInputError(f"no run {run_id!r} was started by this server "
                                  f"(recent: {known}); `run` returns the id")
         return run

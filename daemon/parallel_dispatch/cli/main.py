@@ -24,18 +24,22 @@ from typing import TYPE_CHECKING, Any, TextIO
 from .. import __version__
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from ..errors import TaskFileError
     from ..executor import Executor
+    from ..result import RunResult
+    from ..scheduler import Scheduler
     from ..spec import DispatchSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-EXTRAS = {"watchfiles": "daemon", "github": "action", "requests": "action"}
+EXTRAS = {"watchfiles": "daemon", "github": "action", "requests": "action", "mcp": "mcp"}
 """Top-level module → the extra (pyproject.toml) that installs it: only the daemon and
 the Action need these, so a plain `pip install parallel-dispatch` leaves them out."""
 
 SUBCOMMANDS = ("run", "validate", "plan", "schema", "action", "watch", "status", "agents", "init",
-               "doctor")
+               "doctor", "serve", "mcp", "cancel")
 
 
 def _positive_int(text: str) -> int:
@@ -82,6 +86,13 @@ EXECUTOR_HELP = ("where agents run: local (default), or a Ray cluster: ray (the 
                  "[executor] address, RAY_ADDRESS or this machine) or ray:HOST:PORT (README: "
                  "Running on a Ray cluster)")
 CONFIG_HELP = "project config (default .aiwg/dispatch.toml in the project root)"
+HTTP_HELP = ("serve the live page (README: The live page) on HOST:PORT, e.g. 127.0.0.1:8765 "
+             "(port 0 picks a free one); a non-loopback HOST is refused unless "
+             "--http-token is given")
+HTTP_TOKEN_HELP = ("require this token on every request of the live page "
+                   "('Authorization: Bearer TOKEN' or ?token=TOKEN); needed to bind a "
+                   "non-loopback address (or set $PARALLEL_DISPATCH_HTTP_TOKEN, which keeps "
+                   "it out of the process list)")
 PROJECT_HELP = ("the project's root (default: the project around the current directory: "
                 "the nearest folder up holding .aiwg/, else .claude/ or .git)")
 
@@ -115,6 +126,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                         "limits, no waiting for quota (a rate limit is a retryable failure)")
     p.add_argument("--resume", action="store_true",
                    help="reuse outputs of tasks unchanged since their last successful run")
+    p.add_argument("--control", action="store_true",
+                   help="listen on a control socket in .aiwg/run/ while running, for "
+                        "`parallel-dispatch cancel` and `status --json` (README: Cancel a task)")
     p.add_argument("--executor", type=_executor, metavar="WHERE", help=EXECUTOR_HELP)
     p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -125,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="parallel-dispatch",
         usage="parallel-dispatch TASK_FILE [--max-parallel N] [--timeout MS] [--output DIR] "
               "[--on-failure continue|stop|retry] [--dry-run]\n"
-              "       parallel-dispatch {run,validate,plan,schema,watch,status,agents,init,"
-              "doctor,action} ...",
+              "       parallel-dispatch {run,validate,plan,schema,watch,serve,status,cancel,"
+              "agents,init,doctor,mcp,action} ...",
         description="Run a YAML file of AI-agent tasks as a dependency graph.",
     )
     parser.add_argument("--version", action="version", version=f"parallel-dispatch {__version__}")
@@ -150,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cost budget, as a run would get it")
     p.set_defaults(max_tokens=None, warn_cost=None)  # run-only budget flags
     p.set_defaults(max_quota_wait=None, fixed_parallel=False)  # run-only quota flags
+    p.set_defaults(control=False)
     p.add_argument("--idle-timeout", type=_positive_int, metavar="MS",
                    help="idle timeout, as a run would get it (default off)")
     p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
@@ -157,8 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     ag = sub.add_parser("agents", help="list the agents tasks can name: runner, model, file")
     ag.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     ag.add_argument("--json", action="store_true", help="machine-readable output")
+    mc = sub.add_parser("mcp", help="serve the engine to coding assistants over MCP (stdio)")
+    mc.add_argument("project", nargs="?", metavar="PROJECT_DIR", help=PROJECT_HELP)
     ini = sub.add_parser("init", help="write a starter .aiwg/dispatch.toml and example task file")
     ini.add_argument("--force", action="store_true", help="overwrite existing files")
+    ini.add_argument("--claude", action="store_true",
+                     help="instead: add the MCP server to .mcp.json and write "
+                          ".claude/commands/parallel-dispatch.md (README: From Claude Code)")
     doc = sub.add_parser("doctor", help="check runners (versions), agents and definitions")
     doc.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     doc.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS",
@@ -172,10 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--force", action="store_true",
                    help="at start, re-run every task file in full, ignoring earlier results")
     w.add_argument("--executor", type=_executor, metavar="WHERE", help=EXECUTOR_HELP)
+    w.add_argument("--http", metavar="HOST:PORT", help=HTTP_HELP)
+    w.add_argument("--http-token", metavar="TOKEN", help=HTTP_TOKEN_HELP)
+    sv = sub.add_parser("serve", help="the live page of the project's runs (CLI runs too), "
+                                      "read from their output dirs")
+    sv.add_argument("project", nargs="?", metavar="PROJECT_DIR", help=PROJECT_HELP)
+    sv.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8765",
+                    help=HTTP_HELP.replace("on HOST:PORT", "on HOST:PORT (default "
+                                           "127.0.0.1:8765)"))
+    sv.add_argument("--http-token", metavar="TOKEN", help=HTTP_TOKEN_HELP)
     st = sub.add_parser("status", help="each task file's last run, and what runs now")
     st.add_argument("project", nargs="?", metavar="PROJECT_DIR", help=PROJECT_HELP)
     st.add_argument("--tasks-dir", metavar="DIR",
                     help="folder of the daemon's task files (default PROJECT_DIR/.aiwg/tasks/)")
+    st.add_argument("--json", action="store_true",
+                    help="machine-readable: live runs from the control sockets, last runs "
+                         "from the output dirs (README: Cancel a task)")
+    ca = sub.add_parser("cancel", help="cancel a running task, or a whole run (the daemon's, "
+                                       "or one started with --control)")
+    ca.add_argument("target", metavar="FILE|RUN-ID",
+                    help="the run: its id, its task file, or the daemon's name for the file")
+    ca.add_argument("task", nargs="?", metavar="TASK-ID", help="only this task (and so its "
+                    "dependents); without it the whole run")
+    ca.add_argument("--project", metavar="DIR", help=PROJECT_HELP)
     sub.add_parser("action", help="run as a GitHub Action step (see action.yml)", add_help=False)
     return parser
 
@@ -316,21 +355,49 @@ def _main(argv: Sequence[str] | None = None) -> int:
                 from ..service.daemon import run_daemon
 
                 tasks = Path(args.tasks_dir) if args.tasks_dir else None
+                http = _http(args)
                 return lambda: run_daemon(_project(args.project), tasks, args.max_parallel,
-                                          args.force, args.executor)
+                                          args.force, args.executor, http=http)
 
             return _launch("watch", load_daemon)
+        if args.command == "serve":
+            from ..service.webpage import run_serve
+
+            http = _http(args)
+            assert http is not None  # (serve's --http has a default)
+            return run_serve(_project(args.project), http)
+        if args.command == "mcp":
+            def load_mcp() -> Callable[[], int]:
+                import mcp  # noqa: F401  (the extra: a clear message when missing)
+
+                from ..assistant.mcp_server import run_mcp
+
+                return lambda: run_mcp(_project(args.project).resolve())
+
+            return _launch("mcp", load_mcp)
         if args.command == "status":
-            from .status import render_status
+            from .status import render_status, status_json
 
             tasks = Path(args.tasks_dir).resolve() if args.tasks_dir else None
+            if args.json:
+                print(status_json(_project(args.project), tasks))
+                return EXIT_OK
             print(render_status(_project(args.project), tasks))
             return EXIT_OK
+        if args.command == "cancel":
+            from .cancel import cancel_command
+
+            return cancel_command(_project(args.project), args.target, args.task,
+                                  out=sys.stdout, err=sys.stderr)
         if args.command in ("agents", "init", "doctor"):
             from . import commands
 
             if args.command == "agents":
                 return commands.agents_command(args.config, args.json, out=sys.stdout)
+            if args.command == "init" and args.claude:
+                from ..assistant.claude_init import init_claude
+
+                return init_claude(_project(None), args.force, sys.stdout, sys.stderr)
             if args.command == "init":
                 return commands.init_command(args.force, out=sys.stdout, err=sys.stderr)
             return commands.doctor_command(args.config, args.timeout, out=sys.stdout)
@@ -344,6 +411,20 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except DispatchError as exc:
         print(f"parallel-dispatch: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _http(args: argparse.Namespace) -> Any:
+    """`--http` and `--http-token`, checked: a `webpage.HttpOptions` or None (typed Any:
+    the CLI imports a front end only inside the function that launches it)."""
+    from ..errors import DispatchError
+
+    if args.http is None:
+        if args.http_token:
+            raise DispatchError("--http-token needs --http HOST:PORT")
+        return None
+    from ..service.webpage import parse_http
+
+    return parse_http(args.http, args.http_token)
 
 
 def _project(given: str | None) -> Path:
@@ -441,11 +522,18 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     registry = AgentRegistry(spec.root)
     registry.reap()  # agents of an earlier dispatcher that was killed outright
+    def start(hook: Callable[[Scheduler], None] | None = None) -> Awaitable[RunResult]:
+        return run_spec(spec, progress=progress, handle_signals=True, reuse=args.resume,
+                        runner=RunnerSet(registry=registry, executor=executor),
+                        scheduler_hook=hook)
+
     try:
-        result = trio.run(lambda: run_spec(spec, progress=progress, handle_signals=True,
-                                           reuse=args.resume,
-                                           runner=RunnerSet(registry=registry,
-                                                            executor=executor)))
+        if args.control:  # a control socket while it runs (control.py)
+            from ..control import run_with_control
+
+            result = trio.run(run_with_control, spec.root, args.task_file, spec.path, start)
+        else:
+            result = trio.run(start)
     finally:
         registry.close()
         executor.close()

@@ -2,7 +2,8 @@
 
 Reads what the daemon and the runs leave behind — `.aiwg/dispatch-daemon.json`
 and each output dir's `.dispatch-state.toml` / report — so it works whether
-or not a daemon is running, and never talks to one.  Runs made with the CLI are
+or not a daemon is running; only `--json` also asks the live control sockets
+(control.py) about the runs going on now.  Runs made with the CLI are
 found too: their state lives in the output dir they wrote to (`.aiwg/working/`
 by default), and names the task file it ran (see `State.begin`).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ProjectConfig, load_config, resolve_settings
+from ..control import list_runs
 from ..errors import DispatchError, TaskFileError
 from ..fmt import plural
 from ..loader import load_spec
@@ -207,3 +209,40 @@ def render_status(project: Path, tasks_dir: Path | None = None) -> str:
                              + ("" if key.exists() else "  (file no longer exists)"))
             lines += _run_lines(run, project)
     return "\n".join(lines)
+
+
+def status_json(project: Path, tasks_dir: Path | None = None) -> str:
+    """`status --json`: what runs now, asked of the live control sockets (`runs`: each
+    `list` view of control.py, with its `dispatcher`), and the last run recorded in each
+    output dir (`last_runs`), read from the files as `status` does."""
+    project = project.resolve()
+    daemon = _daemon(project)
+    config = load_config(project)
+    more = set()
+    for entry in ((daemon or {}).get("files") or {}).values():
+        if isinstance(entry, dict) and entry.get("output_dir"):
+            more.add(Path(entry["output_dir"]))
+    last = []
+    for run in _runs(project, config, more):
+        info = run.info
+        pid = info.get("pid")
+        status = info.get("status")
+        if status == RunStatus.RUNNING and pid is not None and not _alive(pid):
+            status = "did_not_finish"  # its dispatcher is gone (killed?)
+        last.append({
+            "task_file": str(run.task_file(project) or "") or None,
+            "output_dir": str(run.out),
+            "run_id": info.get("run_id"), "status": status, "pid": pid,
+            "started_at": info.get("started_at"), "finished_at": info.get("finished_at"),
+            "counts": {k: info[k] for k in COUNTED if info.get(k)},
+        })
+    live = list_runs(project)
+    return json.dumps({
+        "project": str(project),
+        "tasks_dir": str(tasks_dir or project / ".aiwg" / "tasks"),
+        "daemon": ({k: daemon.get(k) for k in ("pid", "started_at", "max_parallel")}
+                   if daemon else None),
+        "live": bool(live),
+        "runs": live,
+        "last_runs": last,
+    }, indent=2, ensure_ascii=False)

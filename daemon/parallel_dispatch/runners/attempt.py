@@ -22,16 +22,26 @@ A subclass implements `attempt(job, staging)` and `describe(job)`.  Cancellation
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import IO, ClassVar
 
 from ..agent_env import agent_environment, expand_references
 from ..executor import ExecRequest, Executor, Exit, LocalExecutor
 from ..fmt import plural
-from ..inputs import inputs_env
+from ..inputs import compose_prompt, inputs_env
 from ..orphans import AgentRegistry
+from ..output_schema import (
+    MAX_OUTPUT_BYTES,
+    MISMATCH,
+    SCHEMA_FILE,
+    SchemaUnusable,
+    check_answer,
+    prompt_note,
+)
 from ..outputs import Staging, open_creating_dirs, staging_for
 from ..process import KILL_GRACE_S
 from .base import Job, Outcome
@@ -41,6 +51,10 @@ class AttemptRunner:
     """Base of the real runners: staging, the log, the environment, the registry."""
 
     name: ClassVar[str] = "attempt"
+    native_schema: ClassVar[bool] = False
+    """Whether the client itself constrains the answer to `output_schema` (claude, codex,
+    llm, openai); otherwise the schema goes into the prompt and the answer is read
+    leniently (output_schema.py)."""
 
     def __init__(self, base_env: Mapping[str, str] | None = None,
                  grace: float = KILL_GRACE_S, registry: AgentRegistry | None = None,
@@ -53,6 +67,9 @@ class AttemptRunner:
         self.registry = registry
         self.executor: Executor = executor or LocalExecutor()
         """Where agent processes run (executor.py): this machine, or a Ray cluster."""
+        self._schema_errors: dict[tuple[str, str], list[str]] = {}
+        """(run id, task id) → why the last attempt's answer did not match its schema,
+        for the next attempt's prompt."""
 
     @property
     def error_prefix(self) -> str:
@@ -71,9 +88,14 @@ class AttemptRunner:
     # -- the attempt ---------------------------------------------------------------
     async def run(self, job: Job) -> Outcome:
         staging = staging_for(job.spec, job.index, job.run_id, job.attempt)
+        schema = job.task.output_schema
         try:
             staging.create(agent_writes=job.agent.output_mode == "file")
+            if isinstance(schema, dict):
+                write_schema_file(staging, schema)
             outcome = await self.attempt(job, staging)
+            if outcome.ok and isinstance(schema, dict):
+                self._check_answer(job, staging, schema, outcome)
             if outcome.ok:
                 staging.promote()
         except OSError as exc:  # the output dir filled up, went read-only, ran out of fds
@@ -87,6 +109,49 @@ class AttemptRunner:
             if note:
                 outcome.error = f"{outcome.error}; {note}" if outcome.error else note
         return outcome
+
+    def schema_native(self, job: Job) -> bool:
+        """Whether this job's client is given `output_schema` itself (`native_schema`)."""
+        return self.native_schema
+
+    def prompt(self, job: Job) -> str:
+        """The task's prompt with its dependencies' outputs and, with `output_schema`, what
+        the agent must know about the answer's format (and why its last one failed)."""
+        prompt = compose_prompt(job.spec, job.index)
+        schema = job.task.output_schema
+        if not isinstance(schema, dict):
+            return prompt
+        key = (job.run_id, job.task.id)
+        if job.attempt == 1:  # a new task run: nothing of an earlier one applies
+            self._schema_errors.pop(key, None)
+        previous = self._schema_errors.get(key, [])
+        return prompt + prompt_note(schema, self.schema_native(job), previous)
+
+    def _check_answer(self, job: Job, staging: Staging, schema: dict[str, object],
+                      outcome: Outcome) -> None:
+        """Validate the staged answer: rewrite it as canonical JSON, or fail `outcome`
+        (retryable unless the schema itself cannot be applied) and keep why for the
+        retry's prompt."""
+        key = (job.run_id, job.task.id)
+        try:
+            text, errors = check_answer(read_answer(staging.target), schema,
+                                        lenient=not self.schema_native(job))
+        except SchemaUnusable as exc:
+            text, errors, outcome.retryable = None, [str(exc)], False
+        except OSError as exc:
+            text, errors = None, [f"cannot read the answer: {exc.strerror or exc}"]
+        if text is not None:
+            self._schema_errors.pop(key, None)
+            staging.target.write_text(text, encoding="utf-8")
+            return
+        self._schema_errors[key] = errors
+        outcome.ok = False
+        outcome.error = f"{self.error_prefix}{MISMATCH}: {'; '.join(errors)}"
+        try:
+            with open_creating_dirs(job.log_path, "ab") as log:
+                log_error(log, outcome.error)
+        except OSError:
+            pass  # the error still reaches the report
 
     def env(self, job: Job, output: os.PathLike[str] | str) -> dict[str, str]:
         """What the agent runs with (README, "What an agent's environment holds"): the
@@ -112,6 +177,8 @@ class AttemptRunner:
             # dispatcher's own folder.
             "PWD": str(job.workdir or job.spec.root),
         })
+        if isinstance(job.task.output_schema, dict):
+            env["DISPATCH_OUTPUT_SCHEMA"] = str(schema_path(job))
         return env
 
     # -- helpers for `attempt` -------------------------------------------------------
@@ -182,15 +249,30 @@ class AttemptRunner:
         return {"on_spawn": spawned, "on_reaped": reg.remove}
 
 
+def schema_path(job: Job) -> Path:
+    """Where this attempt's `output_schema` is as a file (in its staging folder)."""
+    return staging_for(job.spec, job.index, job.run_id, job.attempt).root / SCHEMA_FILE
+
+
+def write_schema_file(staging: Staging, schema: dict[str, object]) -> None:
+    """The schema as a file for clients that take one (codex) and for
+    `$DISPATCH_OUTPUT_SCHEMA`."""
+    staging.root.mkdir(parents=True, exist_ok=True)
+    (staging.root / SCHEMA_FILE).write_text(json.dumps(schema, indent=2),
+                                            encoding="utf-8")
+
+
+def read_answer(path: Path) -> str:
+    """The staged answer (its first `MAX_OUTPUT_BYTES`; a larger one fails to parse)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(MAX_OUTPUT_BYTES + 1).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""  # the agent wrote nothing: "the answer is empty"
+
+
 def _node_setter(job: Job) -> Callable[[str], None] | None:
-    activity = job.activity
-    if activity is None:
-        return None
-
-    def set_node(node: str) -> None:
-        activity.node = node
-
-    return set_node
+    return job.activity.ran_on if job.activity is not None else None
 
 
 def log_error(log: IO[bytes], error: str) -> None:

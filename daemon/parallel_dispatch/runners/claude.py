@@ -123,6 +123,7 @@ class ClaudeRunner(PresetRunner):
     install_hint = ("install Claude Code (npm install -g @anthropic-ai/claude-code) or set "
                     "command = [\"/path/to/claude\"] in [runners.claude]")
     auth_hint = "run `claude` and log in with /login, or set ANTHROPIC_API_KEY"
+    native_schema = True  # --json-schema: the answer comes as the result's structured_output
 
     def private_state(self, env: Mapping[str, str], folder: Path) -> dict[str, str]:
         return claude_state(env, folder)
@@ -150,6 +151,10 @@ class ClaudeRunner(PresetRunner):
             argv.append("--tools=" + ",".join(tools))
         if allowed:
             argv.append("--allowedTools=" + ",".join(allowed))
+        schema = call.job.task.output_schema
+        if isinstance(schema, dict):  # (a StructuredOutput tool the model must call)
+            argv += ["--json-schema", "<schema>" if call.show
+                     else json.dumps(schema, separators=(",", ":"))]
         argv += list(agent.args)
         return Invocation(argv=argv, stdin=call.prompt, files=files)
 
@@ -235,6 +240,9 @@ class ClaudeRunner(PresetRunner):
             elif not isinstance(text, str):
                 parsed = Parsed(ok=False, retryable=False,
                                 error="the result event has no 'result' text")
+            elif "structured_output" in result:  # --json-schema: the StructuredOutput call
+                return Parsed(ok=True, text=json.dumps(result["structured_output"]),
+                              metrics=metrics)
             else:
                 return Parsed(ok=True, text=text, metrics=metrics)
             parsed.metrics = metrics

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..events import AgentEvent, Cause
+from .attempt import schema_path
 from .client_state import codex_state
 from .preset import (
     Call,
@@ -172,6 +173,7 @@ class CodexRunner(PresetRunner):
     install_hint = ("install the Codex CLI (npm install -g @openai/codex) or set "
                     "command = [\"/path/to/codex\"] in [runners.codex]")
     auth_hint = "run `codex login`, or set CODEX_API_KEY (or your provider's env_key)"
+    native_schema = True  # --output-schema FILE
 
     def private_state(self, env: Mapping[str, str], folder: Path) -> dict[str, str] | None:
         return codex_state(env, folder)
@@ -182,6 +184,8 @@ class CodexRunner(PresetRunner):
         if not any(a in SANDBOX_FLAGS or a.startswith("--sandbox=") for a in agent.args):
             argv += ["--sandbox", "read-only"]
         argv += ["-o", str(call.scratch / "last-message.txt")]
+        if isinstance(call.job.task.output_schema, dict):
+            argv += ["--output-schema", str(schema_path(call.job))]
         if agent.model:
             argv += ["-m", agent.model]
         stdin = call.prompt

@@ -82,7 +82,10 @@ class CommandRunner(AttemptRunner):
         return text
 
     async def attempt(self, job: Job, staging: Staging) -> Outcome:
-        prompt = compose_prompt(job.spec, job.index)
+        # The built-in shell agent's prompt is a script: nothing is appended to it (a
+        # schema reaches it as $DISPATCH_OUTPUT_SCHEMA).
+        prompt = (compose_prompt(job.spec, job.index) if _is_builtin_shell(job)
+                  else self.prompt(job))
         argv = self.argv(job, staging.target, prompt)
         stdin = b"" if job.agent.prompt_mode == "arg" else prompt.encode("utf-8")
         if _is_builtin_shell(job) and len(prompt.encode()) > MAX_ARG_BYTES:

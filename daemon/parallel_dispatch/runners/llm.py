@@ -28,8 +28,13 @@ from typing import Any
 
 from ..events import AgentEvent, Cause
 from ..fmt import duration_s
+from ..outputs import Staging
+from .attempt import schema_path
+from .base import Job, Outcome
 from .preset import Call, Invocation, Parsed, PresetRunner, StreamName, cause_patterns, last_line
 
+NO_SCHEMA = "does not support schemas"
+"""llm 0.36's error for `--schema` with a model that cannot take one."""
 USAGE_RE = re.compile(r"Token usage: ([\d,]+) input, ([\d,]+) output")
 STATUS_RE = re.compile(r"Error code: (\d{3})\b")
 RETRY_RE = re.compile(r"Retrying request in ([\d.]+) seconds \(retry (\d+) of (\d+)\)")
@@ -77,6 +82,7 @@ class LlmRunner(PresetRunner):
     install_hint = ("install llm (pipx install llm) or set command = [\"/path/to/llm\"] in "
                     "[runners.llm]")
     auth_hint = "add a key with `llm keys set <provider>` or set the provider's key variable"
+    native_schema = True  # --schema (a JSON schema's file path)
 
     def build(self, call: Call) -> Invocation:
         agent = call.agent
@@ -89,6 +95,8 @@ class LlmRunner(PresetRunner):
                 argv += ["-s", call.body]
             else:
                 stdin = call.with_system_prompt()
+        if isinstance(call.job.task.output_schema, dict) and self.schema_native(call.job):
+            argv += ["--schema", str(schema_path(call.job))]
         argv += ["--no-stream", "-u", "-n"]
         if not any(a in ("-d", "--database") or a.startswith("--database=") for a in agent.args):
             # llm 0.36 creates and migrates its logs.db on every prompt, even with -n:
@@ -99,6 +107,25 @@ class LlmRunner(PresetRunner):
         env = {} if "OPENAI_LOG" in agent.env or "OPENAI_LOG" in self.base_env \
             else {"OPENAI_LOG": "info"}
         return Invocation(argv=argv, stdin=stdin, env=env)
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._schemaless: set[str | None] = set()
+        """Models llm refused a `--schema` for: they get the schema in the prompt."""
+
+    def schema_native(self, job: Job) -> bool:
+        return job.agent.model not in self._schemaless
+
+    async def attempt(self, job: Job, staging: Staging) -> Outcome:
+        """A model llm says takes no schema (a plugin's, or an OpenAI-compatible one
+        without `supports_schema: true`) gets it in the prompt instead, at once and from
+        then on (README "Checked outputs")."""
+        outcome = await super().attempt(job, staging)
+        if (not outcome.ok and isinstance(job.task.output_schema, dict)
+                and self.schema_native(job) and NO_SCHEMA in (outcome.error or "")):
+            self._schemaless.add(job.agent.model)
+            return await super().attempt(job, staging)
+        return outcome
 
     def watch(self, call: Call, line: str, stream: StreamName) -> AgentEvent | None:
         if stream != "stderr":

@@ -37,7 +37,6 @@ from typing import Any, ClassVar
 from ..agents import AgentSpec
 from ..events import CAUSES, AgentEvent, Cause
 from ..fmt import duration_s
-from ..inputs import compose_prompt
 from ..outputs import Staging
 from .attempt import AttemptRunner, log_error
 from .base import Job, Outcome
@@ -72,6 +71,7 @@ class OpenAIRunner(AttemptRunner):
 
     name = "openai"
     docs: ClassVar[str] = "OpenAI Chat Completions API, streaming (SSE) and Retry-After"
+    native_schema = True  # response_format: json_schema
 
     def url(self, agent: AgentSpec) -> str:
         base = agent.base_url or self.base_env.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
@@ -124,9 +124,13 @@ class OpenAIRunner(AttemptRunner):
         messages = []
         if agent.system_prompt:
             messages.append({"role": "system", "content": agent.system_prompt})
-        messages.append({"role": "user", "content": compose_prompt(job.spec, job.index)})
-        body = {"model": agent.model, "messages": messages, "stream": True,
-                "stream_options": {"include_usage": True}}
+        messages.append({"role": "user", "content": self.prompt(job)})
+        body: dict[str, Any] = {"model": agent.model, "messages": messages, "stream": True,
+                                "stream_options": {"include_usage": True}}
+        schema = job.task.output_schema
+        if isinstance(schema, dict):  # the server constrains the answer (json_schema mode)
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "output", "schema": schema}}
         timeout = httpx.Timeout(CONNECT_TIMEOUT_S, read=agent.read_timeout)
         activity = job.activity
         if activity is not None:

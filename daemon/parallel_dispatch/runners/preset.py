@@ -32,7 +32,6 @@ import trio
 from ..agents import AgentSpec
 from ..events import CAUSES, Activity, AgentEvent, Cause
 from ..fmt import rel_path
-from ..inputs import compose_prompt
 from ..outputs import Staging, staging_for
 from ..presets import PRESETS, Preset
 from ..process import Exit
@@ -328,7 +327,7 @@ class PresetRunner(AttemptRunner):
                 f"(prompt on stdin; runner {self.name}{notes})")
 
     def _call(self, job: Job, staging: Staging, show: bool = False) -> Call:
-        prompt = "<prompt>" if show else compose_prompt(job.spec, job.index)
+        prompt = "<prompt>" if show else self.prompt(job)
         scratch = staging.root / f"{staging.target.name}.runner"
         return Call(job=job, prompt=prompt, scratch=scratch, show=show)
 

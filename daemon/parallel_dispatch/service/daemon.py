@@ -37,6 +37,7 @@ from ..agentdefs import search_dirs
 from ..api import run_spec
 from ..atomic import write_text
 from ..config import BUILTIN_DEFAULTS, CONFIG_NAME, ProjectConfig, load_config
+from ..control import DAEMON_SOCKET, ControlError, ControlledRun, ControlServer, socket_dir
 from ..errors import ConfigError, Diagnostic, DispatchError, TaskFileError
 from ..executor import agents_used, make_executor
 from ..fingerprint import hash_files
@@ -56,6 +57,7 @@ from ..taskfiles import STATUS_FILE, ignored_name, is_task_file, task_name
 from ..yamlsafe import MAX_FILE_BYTES
 from .sdnotify import Notifier, watchdog_loop
 from .watcher import static_root, watch
+from .webpage import HttpOptions, listen, project_bases, serve_page
 
 log = logging.getLogger("parallel_dispatch")
 
@@ -93,6 +95,8 @@ class TaskFileState:
     files_hash: str = ""
     source_hash: str = ""
     uses_definitions: bool = False
+    forced: set[str] = field(default_factory=set)
+    """Tasks its next run runs even if unchanged (a re-run asked on the control socket)."""
     invalid: bool = False
     error: str | None = None
     """Why the last attempt did not run (shown by `status`); None after a good load."""
@@ -170,10 +174,15 @@ class Daemon:
         """The config's errors while it is invalid (at start): no file runs until it is fixed."""
         self._load_limiter = trio.CapacityLimiter(LOAD_THREADS)
         self.started_at = now_iso()
+        self.http: HttpOptions | None = None
+        """`--http`: also serve the live page (webpage.py) of every run."""
 
     # -- lifecycle ------------------------------------------------------------------
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT; then cancel runs, write partial reports, return."""
+        control = ControlServer(self, socket_dir(self.project) / DAEMON_SOCKET)
+        await control.bind()  # first: a second daemon for this project stops here
+        page = await listen(self.http) if self.http is not None else None  # (a port in use)
         if not self._load_config(at_start=True):
             log.error("no task file runs until %s is fixed and the daemon reloaded "
                       "(SIGHUP, systemctl reload)", CONFIG_DISPLAY)
@@ -191,6 +200,12 @@ class Daemon:
             services.start_soon(self._signals)
             services.start_soon(watchdog_loop, self.notifier)
             services.start_soon(self._status_writer)
+            services.start_soon(control.serve)
+            if page is not None:
+                url = await services.start(serve_page, page, self._page_dirs,
+                                           f"parallel-dispatch watch · {self.project.name}")
+                log.info("live page: %s%s", url, "  (token required)" if page.options.token
+                         else "")
             async with trio.open_nursery() as runs:
                 self._nursery = runs
                 for path in self._task_files(self.tasks_dir):
@@ -538,8 +553,9 @@ class Daemon:
             return
         fs.output_dir = spec.settings.output_dir
         fs.mtime_ns = _mtime_ns(fs.path)
-        fs.patterns = [p if os.path.isabs(p) else str(self.project / p)
-                       for t in spec.tasks for p in t.files]
+        fs.patterns = [p if os.path.isabs(p) else str(self.project / p)  # (and a new file
+                       for p in (*(p for t in spec.tasks for p in t.files),  # for a foreach)
+                                 *spec.foreach_watch)]
         fs.files_hash = hash_files(self.project, fs.patterns) if fs.patterns else ""
         self._rewatch_if_needed()
         if fs.initial and not self.force and self._up_to_date(spec):
@@ -551,6 +567,9 @@ class Daemon:
 
         def hook(scheduler: Scheduler) -> None:
             fs.scheduler = scheduler
+            for i in (i for i, t in enumerate(spec.tasks) if t.id in fs.forced):
+                scheduler.force(i)
+            fs.forced.clear()
             if fs.dirty.is_set() or self.stopping:  # changed while we were loading it
                 scheduler.interrupt("task file changed")
 
@@ -673,6 +692,28 @@ class Daemon:
         root = Path(base) if os.path.isabs(base) else self.project / base
         return root / fs.name
 
+    # -- the control socket (control.py) ------------------------------------------------
+    kind = "daemon"
+
+    def runs(self) -> list[ControlledRun]:
+        """Each task file's live run, else its last one."""
+        return [ControlledRun(fs.name, fs.path, fs.scheduler, fs.result)
+                for fs in sorted(self.files.values(), key=lambda f: f.name)
+                if fs.scheduler is not None or fs.result is not None]
+
+    def rerun_ended(self, run: ControlledRun, task: str) -> dict[str, Any]:
+        """A new run of the file, `task` forced past the cache (its dependents as usual)."""
+        fs = self.files.get(run.file)
+        if fs is None or self.stopping:
+            raise ControlError(f"{run.name} is no longer watched", "refused")
+        fs.forced.add(task)
+        if fs.scheduler is None:
+            self._touch(fs.path)
+        else:  # its run is writing its report: the file loop starts the next one after
+            fs.dirty.set()
+        log.info("[%s] re-run of task '%s' asked on the control socket", fs.name, task)
+        return {"new_run": True, "file": str(fs.path)}
+
     # -- status ---------------------------------------------------------------------
     def changed(self) -> None:
         self._status_dirty.set()
@@ -725,6 +766,11 @@ class Daemon:
             await self._status_dirty.wait()
             self._status_dirty = trio.Event()
             await trio.sleep(0.2)
+
+    def _page_dirs(self) -> list[Path]:
+        """Where the live page looks for runs: each file's output dir, and the project's."""
+        dirs = [fs.output_dir for fs in self.files.values() if fs.output_dir is not None]
+        return [*dirs, *project_bases(self.project)()]
 
     def _remove_status(self) -> None:
         with contextlib.suppress(OSError):
@@ -791,7 +837,8 @@ def _mtime_ns(path: Path) -> int:
 
 
 def run_daemon(project: Path, tasks_dir: Path | None, max_parallel: int | None,
-               force: bool, executor: str | None = None) -> int:
+               force: bool, executor: str | None = None,
+               http: HttpOptions | None = None) -> int:
     """Entry point of `parallel-dispatch watch`."""
     debug = os.environ.get("PARALLEL_DISPATCH_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
@@ -799,6 +846,7 @@ def run_daemon(project: Path, tasks_dir: Path | None, max_parallel: int | None,
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     daemon = Daemon(project, tasks_dir, max_parallel=max_parallel, force=force,
                     executor=executor)
+    daemon.http = http
     t0 = time.monotonic()
     trio.run(daemon.serve)
     log.debug("served for %.1fs", time.monotonic() - t0)
