@@ -17,6 +17,7 @@ same output dir starts (`clean_stale_staging`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -180,3 +181,32 @@ def clean_stale_staging(output_dir: Path, keep: frozenset[str] = frozenset()) ->
             p.rmdir()
         except OSError:
             break
+
+
+SEARCH_DEPTH = 5
+"""How deep under a base folder output dirs are looked for (`dirs_holding`)."""
+NOT_OUTPUT_DIRS = ("logs", "changes", ".git")
+"""Folders inside an output dir that never hold another output dir."""
+
+
+def dirs_holding(bases: Iterable[Path], name: str, depth: int = SEARCH_DEPTH) -> set[Path]:
+    """Folders under `bases` (the bases included) holding a file `name`: the output dirs
+    of runs (their state file, their live journal).  Logs, patches and our hidden folders
+    are not searched, nor anything deeper than `depth` below a base."""
+    found: set[Path] = set()
+    for base in bases:
+        if (base / name).is_file():
+            found.add(base)
+        if not base.is_dir():
+            continue
+        top = len(base.parts)
+        for folder, subdirs, files in os.walk(base):
+            here = Path(folder)
+            if name in files:
+                found.add(here)
+            if len(here.parts) - top >= depth:
+                subdirs[:] = []
+            else:
+                subdirs[:] = [d for d in subdirs if d not in NOT_OUTPUT_DIRS
+                              and not d.startswith(".dispatch")]
+    return found

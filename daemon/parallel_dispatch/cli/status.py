@@ -11,7 +11,6 @@ by default), and names the task file it ran (see `State.begin`).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..errors import DispatchError, TaskFileError
 from ..fmt import plural
 from ..loader import load_spec
 from ..model import Settings
+from ..outputs import dirs_holding
 from ..probe import pid_alive
 from ..quota import pool_lines
 from ..report import REPORT_JSON
@@ -40,8 +40,6 @@ def _daemon(project: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and _alive(data.get("pid")) else None
 
 
-STATE_SEARCH_DEPTH = 5
-"""How deep below `.aiwg/` (and the default output dir) `status` looks for runs."""
 
 
 @dataclass
@@ -70,21 +68,8 @@ class _Run:
 
 
 def _state_dirs(bases: list[Path]) -> set[Path]:
-    """Output dirs under `bases` holding a `.dispatch-state.toml` (outputs' own trees pruned)."""
-    found: set[Path] = set()
-    for base in bases:
-        if not base.is_dir():
-            continue
-        top = len(base.parts)
-        for folder, subdirs, filenames in os.walk(base):
-            here = Path(folder)
-            if STATE_FILE in filenames:
-                found.add(here)
-            if len(here.parts) - top >= STATE_SEARCH_DEPTH:
-                subdirs[:] = []
-            else:
-                subdirs[:] = [d for d in subdirs if d not in ("logs", ".dispatch")]
-    return found
+    """Output dirs under `bases` holding a `.dispatch-state.toml`."""
+    return dirs_holding(bases, STATE_FILE)
 
 
 def _runs(project: Path, config: ProjectConfig, more: set[Path]) -> list[_Run]:

@@ -38,6 +38,7 @@ import trio
 
 from ..errors import DispatchError
 from ..live import LIVE_FILE
+from ..outputs import dirs_holding
 from ..probe import pid_alive
 
 log = logging.getLogger("parallel_dispatch")
@@ -53,7 +54,6 @@ TAIL_BYTES = 3000
 """Each task's log tail, as shown (its last bytes)."""
 MAX_TAILS = 40
 """Log tails sent per run: the running tasks first, then the latest to end."""
-SEARCH_DEPTH = 5
 TOKEN_ENV = "PARALLEL_DISPATCH_HTTP_TOKEN"
 LOOPBACK_NAMES = ("localhost", "localhost.")
 
@@ -255,24 +255,8 @@ class _Run:
 
 
 def journal_dirs(bases: Iterable[Path]) -> set[Path]:
-    """Output dirs under `bases` holding a live journal (logs/ and outputs' trees pruned)."""
-    found: set[Path] = set()
-    for base in bases:
-        if (base / LIVE_FILE).is_file():
-            found.add(base)
-        if not base.is_dir():
-            continue
-        top = len(base.parts)
-        for folder, subdirs, files in os.walk(base):
-            here = Path(folder)
-            if LIVE_FILE in files:
-                found.add(here)
-            if len(here.parts) - top >= SEARCH_DEPTH:
-                subdirs[:] = []
-            else:
-                subdirs[:] = [d for d in subdirs if d not in ("logs", "changes", ".git")
-                              and not d.startswith(".dispatch")]
-    return found
+    """Output dirs under `bases` holding a live journal."""
+    return dirs_holding(bases, LIVE_FILE)
 
 
 class LiveState:
