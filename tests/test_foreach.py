@@ -270,3 +270,28 @@ def test_example_reviews_each_module_offline(tmp_path: Path) -> None:
                 for m in modules)
     summary = (out / "summary.md").read_text()
     assert summary.startswith(f"# {total} findings in {len(modules)} modules\n")
+
+
+def test_plan_and_report_collapse_a_fan_out_beyond_20(project: Project) -> None:
+    """README: the first 20 tasks of a fan-out, then how many more (plan and report)."""
+    project.config()
+    items = ", ".join(f"i{n:02d}" for n in range(25))
+    project.write("t.yaml", f"""\
+        tasks:
+          - id: many
+            agent: shell
+            foreach: {{items: [{items}]}}
+            prompt: "echo {{item}}"
+            output: "m-{{item}}.txt"
+    """)
+    plan = project.run("plan", "t.yaml")
+    assert plan.returncode == 0, plan.stderr
+    assert "  many: foreach, 25 tasks:\n" in plan.stdout
+    assert "many[19] [shell]" in plan.stdout and "many[20] [shell]" not in plan.stdout
+    assert "  … and 5 more tasks of many\n" in plan.stdout
+    assert project.run("t.yaml").returncode == 0
+    md = (project.root / ".aiwg/working/dispatch-report.md").read_text()
+    assert "| **many** (foreach, 25) | shell | | 25 ✓ |" in md
+    assert "| many[19] | shell |" in md and "| many[20] | shell |" not in md
+    assert "| … 5 more of many (dispatch-report.json) |" in md
+    assert len(project.report()["foreach"]["many"]) == 25  # type: ignore[index]

@@ -151,6 +151,10 @@ def test_cancel_stops_a_running_run_and_kills_its_agents(tmp_path: Path) -> None
             while (await _call(session, "status", run_id=run_id))["tasks"][0]["status"] \
                     != "running":
                 await trio.sleep(0.05)
+            # "running" comes before the spawn: wait for the agent itself, so the checks
+            # below see a process that was there and is gone, not one that never was
+            while not subprocess.run(["pgrep", "-f", mark], capture_output=True).stdout:
+                await trio.sleep(0.05)
         assert await _call(session, "cancel", run_id=run_id) == {
             "run_id": run_id, "cancelled": "run"}
         assert not subprocess.run(["pgrep", "-f", mark], capture_output=True).stdout
