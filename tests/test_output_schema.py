@@ -292,3 +292,23 @@ def test_lenient_parsing_only_for_agents_told_in_the_prompt() -> None:
     text, errors = check_answer(prose, SCHEMA, lenient=False)
     assert text is None and errors[0].startswith("$: the answer is not JSON")
     assert check_answer("", SCHEMA, lenient=True)[1] == ["$: the answer is empty"]
+
+
+def test_a_local_ref_to_nothing_is_an_error_before_any_agent_runs(project: Project) -> None:
+    """Without this check the schema loads, the agent runs (and is paid), and only its
+    answer's check finds the dangling pointer."""
+    project.write("t.yaml", textwrap.dedent("""\
+        tasks:
+          - id: dangling
+            agent: shell
+            prompt: echo 1
+            output: a.json
+            output_schema:
+              type: object
+              properties:
+                x: {$ref: "#/$defs/nope"}
+    """))
+    proc = project.run("validate", "t.yaml")
+    assert proc.returncode == 2, proc.stderr
+    assert "t.yaml:9:" in proc.stderr, proc.stderr
+    assert "$ref '#/$defs/nope' at properties/x/$ref points at nothing" in proc.stderr

@@ -65,12 +65,48 @@ def schema_problems(schema: Any) -> list[tuple[tuple[str | int, ...], str]]:
         return [(("$schema",), f"unknown $schema: {exc}")]
     errors = list(cls(cls.META_SCHEMA).iter_errors(schema))
     if not errors:
-        return []
+        return _dangling_refs(schema)
     first = best_match(errors)
     where = tuple(first.path)
     path = "/".join(str(p) for p in where)
     return [(where, f"not a valid JSON Schema{f' at {path}' if path else ''}: "
                     f"{_clip(first.message)}")]
+
+
+def _dangling_refs(schema: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    """A local `$ref` ("#/…") that points at nothing: found now, not after an agent's
+    paid attempt (remote references are never fetched; they fail at run time)."""
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    base = "urn:parallel-dispatch:output-schema"
+    resource = Resource.from_contents(schema, default_specification=DRAFT202012)
+    resolver = Registry().with_resource(base, resource).resolver(base_uri=base)
+    for where, ref in _local_refs(schema, ()):
+        try:
+            resolver.lookup(ref)
+        except Exception:
+            path = "/".join(str(p) for p in where)
+            return [(where, f"$ref {ref!r}{f' at {path}' if path else ''} points at nothing "
+                            "in this schema; fix the pointer or add the definition")]
+    return []
+
+
+def _local_refs(node: Any, where: tuple[str | int, ...]
+                ) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every `$ref` starting with `#`, with its path inside the schema."""
+    out: list[tuple[tuple[str | int, ...], str]] = []
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            out.append(((*where, "$ref"), ref))
+        for key, value in node.items():
+            if key not in ("const", "enum", "examples", "default"):
+                out += _local_refs(value, (*where, key))
+    elif isinstance(node, list):
+        for n, value in enumerate(node):
+            out += _local_refs(value, (*where, n))
+    return out
 
 
 def parse_answer(text: str, lenient: bool) -> Any:
