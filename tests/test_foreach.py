@@ -294,4 +294,8 @@ def test_plan_and_report_collapse_a_fan_out_beyond_20(project: Project) -> None:
     assert "| **many** (foreach, 25) | shell | | 25 ✓ |" in md
     assert "| many[19] | shell |" in md and "| many[20] | shell |" not in md
     assert "| … 5 more of many (dispatch-report.json) |" in md
+    assert "| 1 | many (25 tasks) |" in md  # the waves table: one entry for the fan-out
+    chart = md.split("```mermaid", 1)[1]
+    assert "many[19] :" in chart and "many[20] :" not in chart
+    assert "many … 5 more :done," in chart  # one bar for the rest
     assert len(project.report()["foreach"]["many"]) == 25  # type: ignore[index]

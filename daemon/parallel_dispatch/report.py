@@ -205,9 +205,10 @@ def to_markdown(result: RunResult, data: dict[str, Any] | None = None) -> str:
         "| Wave | Tasks | Duration | Status |",
         "|------|-------|----------|--------|",
     ]
+    member_of = _fan_out_of(data)
     for w in data["waves"]:
         mark = _WAVE_MARKS.get(w["status"], w["status"])
-        lines.append(f"| {w['wave']} | {', '.join(w['tasks'])} | "
+        lines.append(f"| {w['wave']} | {', '.join(_wave_names(w['tasks'], member_of))} | "
                      f"{fmt_duration(w['duration_s'])} | {mark} |")
     if data["critical_path"]:
         lines += ["", f"Critical path: {' → '.join(data['critical_path'])}"]
@@ -376,6 +377,50 @@ def _md_escape_line(text: str) -> str:
     return text.replace("\n", " ").strip()
 
 
+def _gantt_rows(rows: list[dict[str, Any]], data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart's rows: a long fan-out's first items, then one bar for the rest."""
+    member_of = _fan_out_of(data)
+    shown: dict[str, int] = {}
+    rest: dict[str, list[dict[str, Any]]] = {}
+    out: list[dict[str, Any]] = []
+    for t in rows:
+        group = member_of.get(t["id"])
+        if group is not None and shown.get(group, 0) >= fanout.COLLAPSE_AFTER:
+            rest.setdefault(group, []).append(t)
+            continue
+        if group is not None:
+            shown[group] = shown.get(group, 0) + 1
+        out.append(t)
+    for group, more in rest.items():
+        worst = next((t for t in more if t["status"] in PROBLEMS), more[0])
+        out.append({**more[0], "id": f"{group} … {len(more)} more",
+                    "start_s": min(t["start_s"] for t in more),
+                    "end_s": max(t["end_s"] for t in more), "status": worst["status"]})
+    return out
+
+
+def _fan_out_of(data: dict[str, Any]) -> dict[str, str]:
+    """Item task id → its fan-out's id, for fan-outs too long to list in full."""
+    groups: dict[str, list[str]] = data.get("foreach", {})
+    return {m: g for g, members in groups.items() if fanout.collapsed(members)[1]
+            for m in members}
+
+
+def _wave_names(ids: list[str], member_of: dict[str, str]) -> list[str]:
+    """A wave's task ids, a long fan-out's items as one entry: `review (500 tasks)`."""
+    out: list[str] = []
+    counts: dict[str, int] = {}
+    for tid in ids:
+        group = member_of.get(tid)
+        if group is None:
+            out.append(tid)
+            continue
+        if group not in counts:
+            out.append(group)
+        counts[group] = counts.get(group, 0) + 1
+    return [f"{n} ({counts[n]} tasks)" if n in counts else n for n in out]
+
+
 def _mermaid_text(text: str) -> str:
     """A node's name as a section title: Mermaid ends it at a colon or hash."""
     return re.sub(r"[:#;]", " ", text)
@@ -400,6 +445,7 @@ def _nodes_markdown(data: dict[str, Any]) -> list[str]:
 def _gantt(data: dict[str, Any]) -> list[str]:
     rows = [t for t in data["tasks"] if t["start_s"] is not None and t["end_s"] is not None
             and t["status"] != TaskStatus.CACHED]
+    rows = _gantt_rows(rows, data)
     if not rows:
         return []
     out = ["```mermaid", "gantt", "    title Dispatch timeline (seconds from start)",
