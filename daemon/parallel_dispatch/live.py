@@ -126,8 +126,10 @@ class LiveJournal:
         self.inner.run_started(result)
 
     def task_started(self, rec: TaskRecord) -> None:
+        # Pools are looked at once a second (`redraw`), not per start or end: a snapshot
+        # and its encoding per task would be on the scheduler's hot path for nothing the
+        # page shows much sooner (it polls the journal every 0.25 s).
         self._write({"ev": "start", "id": rec.id, "attempt": rec.attempts})
-        self._check_pools()
         self.inner.task_started(rec)
 
     def task_event(self, rec: TaskRecord, event: AgentEvent) -> None:
@@ -158,7 +160,6 @@ class LiveJournal:
                      "error": (rec.reason or rec.error or "")[:500] or None,
                      "cost_usd": used.cost_usd, "tokens": used.tokens})
         self._last_event.pop(rec.id, None)
-        self._check_pools()
         self.inner.task_finished(rec)
 
     def note(self, text: str) -> None:

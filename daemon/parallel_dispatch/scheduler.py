@@ -71,6 +71,15 @@ class Refused(Exception):
     message says why, for the person who asked."""
 
 
+def _count_attempt(rec: TaskRecord, msg: _Finished) -> None:
+    """What an ended attempt used, added to its task: time, node, cost and tokens."""
+    rec.end_s = msg.end
+    rec.busy_s += msg.end - msg.start
+    if msg.node is not None:
+        rec.nodes.append(msg.node)
+    if msg.outcome is not None:
+        pricing.add_attempt(rec.metrics, msg.outcome.metrics)
+
 
 class Scheduler:
     """Runs one `DispatchSpec` to completion with a `Runner`."""
@@ -253,13 +262,8 @@ class Scheduler:
         """End task `i` `cancelled` from outside; its dependents as for a failure."""
         rec = self.records[i]
         if msg is not None and msg.status is not None:  # it ran: count what it used
-            rec.end_s = msg.end
-            rec.busy_s += msg.end - msg.start
+            _count_attempt(rec, msg)
             rec.exit_code = None
-            if msg.node is not None:
-                rec.nodes.append(msg.node)
-            if msg.outcome is not None:
-                pricing.add_attempt(rec.metrics, msg.outcome.metrics)
         if rec.quota_since is not None:
             rec.quota_wait_s += self._now() - rec.quota_since
             rec.quota_since = None
@@ -539,8 +543,8 @@ class Scheduler:
                 self._scopes[i] = stop_scope
                 if self._stopping is not None or i in self._cancels:
                     stop_scope.cancel()
-                if (rec.attempts == 0 and self.reuse is not None
-                        and await self.reuse.lookup(i) and i not in self._forced):
+                if (rec.attempts == 0 and self.reuse is not None and i not in self._forced
+                        and await self.reuse.lookup(i)):
                     now = self._now()
                     msg = _Finished(i, 0, TaskStatus.CACHED, None, now, now)
                 else:
@@ -705,15 +709,11 @@ class Scheduler:
             self.plan.succeeded(i)
             self._done(rec)
             return
-        rec.end_s = msg.end
-        rec.busy_s += msg.end - msg.start
+        _count_attempt(rec, msg)
         out = msg.outcome
-        if msg.node is not None:
-            rec.nodes.append(msg.node)
         if out is not None:
             rec.exit_code = out.exit_code
             rec.error = out.error
-            pricing.add_attempt(rec.metrics, out.metrics)
         status = msg.status
         assert status is not None  # an unstarted attempt was handled above
         rec.last_event = msg.last_event.text if msg.last_event is not None else None

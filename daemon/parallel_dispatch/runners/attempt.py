@@ -227,10 +227,9 @@ class AttemptRunner:
 
     def hooks(self, job: Job, on_spawn: Callable[[int], None] | None = None
               ) -> dict[str, Callable[[int], None]]:
-        """`Executor.run` hooks: the orphan registry only holds pids of this machine."""
-        if not self.executor.local:
-            return {"on_spawn": on_spawn} if on_spawn is not None else {}
-        return self.registry_hooks(job, on_spawn)
+        """`Executor.run` hooks: the orphan registry only holds pids of this machine, and
+        a remote executor calls none (it has no local pid)."""
+        return self.registry_hooks(job, on_spawn) if self.executor.local else {}
 
     def registry_hooks(self, job: Job,
                        on_spawn: Callable[[int], None] | None = None
