@@ -21,8 +21,8 @@ import signal
 from pathlib import Path
 from typing import IO
 
-from .probe import pid_alive, tagged
-from .process import claim_orphans, signal_group
+from .probe import pid_alive, signal_group, tagged
+from .process import claim_orphans
 
 log = logging.getLogger("parallel_dispatch")
 

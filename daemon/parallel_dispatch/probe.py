@@ -35,6 +35,17 @@ def pid_alive(pid: int) -> bool:
     return fields is None or fields[0] not in ("Z", "X")
 
 
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to a process group; False when the group is already gone."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pgid reused by someone else's process: not ours to kill
+        return False
+    return True
+
+
 def proc_stat(pid: int) -> list[str] | None:
     """The fields of `/proc/<pid>/stat` after the command name (state first; the start
     time is index 19); None when unreadable.  The name may hold spaces and ')'."""

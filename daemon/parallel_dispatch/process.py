@@ -48,7 +48,7 @@ from typing import IO
 
 import trio
 
-from .probe import tagged
+from .probe import signal_group, tagged
 
 KILL_GRACE_S = 2.0
 """How long an agent gets between SIGTERM and SIGKILL."""
@@ -80,17 +80,6 @@ def claim_orphans() -> None:
     came from an agent, marked or not, and is killed when no agent runs."""
     global _claimed
     _claimed = True
-
-
-def signal_group(pgid: int, sig: int) -> bool:
-    """Send `sig` to a process group; False when the group is already gone."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pgid reused by someone else's process: not ours to kill
-        return False
-    return True
 
 
 def make_group_killer(grace: float = KILL_GRACE_S) -> Callable[[trio.Process], Awaitable[None]]:

@@ -37,6 +37,8 @@ import threading
 import time
 from typing import Any
 
+from .probe import pid_alive, signal_group, tagged
+
 TOKEN_ENV = "DISPATCH_AGENT_TOKEN"
 """process.AGENT_TOKEN_ENV (not imported: process.py imports trio)."""
 SWEEP_LIMIT_S = 10.0
@@ -112,24 +114,22 @@ def _watch(proc: subprocess.Popen[bytes], life: int, backstop: float | None) -> 
 
 def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
     """SIGTERM to the group, SIGKILL after `grace` (process.make_group_killer's rule)."""
-    _signal_group(proc.pid, signal.SIGTERM)
+    signal_group(proc.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
-    _signal_group(proc.pid, signal.SIGKILL)
+    signal_group(proc.pid, signal.SIGKILL)
 
 
 def _sweep(pgid: int, token: str) -> list[int]:
     """Kill the group's stragglers and every process carrying the attempt's marker
     (`setsid` escapees); reap what was re-parented to us.  The pids still alive after
     `SWEEP_LIMIT_S` (stuck in the kernel) are returned."""
-    from .probe import tagged
-
-    _signal_group(pgid, signal.SIGKILL)
+    signal_group(pgid, signal.SIGKILL)
     until = time.monotonic() + SWEEP_LIMIT_S
     marker = f"{TOKEN_ENV}={token}"
     while True:
         _reap()
-        alive = [p for p in tagged([marker]) if not _zombie(p)]
+        alive = [p for p in tagged([marker]) if pid_alive(p)]
         if not alive:
             return []
         if time.monotonic() >= until:
@@ -138,11 +138,6 @@ def _sweep(pgid: int, token: str) -> list[int]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 def _reap() -> None:
@@ -154,14 +149,6 @@ def _reap() -> None:
             return
         if pid == 0:
             return
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
 
 
 def _become_subreaper() -> None:
