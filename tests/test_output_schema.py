@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 
-from contract.clients import configure_claude, configure_codex, configure_llm, configure_openai
+from contract.clients import (
+    configure_claude,
+    configure_codex,
+    configure_llm,
+    configure_openai,
+    configure_opencode,
+)
 from contract.common import client, new_project
 from preset_support import AgentProject
 from stubs.anthropic import AnthropicStub
@@ -116,6 +122,19 @@ def test_llm_model_without_schema_support_gets_it_in_the_prompt(ap: AgentProject
     user = json.dumps(call.body["messages"])
     assert "Answer with JSON only" in user and "verdict" in user
     assert task["attempts"] == 1
+
+
+def test_opencode_is_told_the_schema_in_the_prompt_and_its_answer_is_checked(
+        ap: AgentProject) -> None:
+    """opencode has no schema flag: the schema goes into the prompt, and the answer,
+    fenced in prose as a model may give it, is validated and rewritten."""
+    client("opencode")
+    with OpenAIChatStub.running(text=f"Here it is:\n```json\n{ANSWER}\n```\nDone.") as stub:
+        configure_opencode(ap, stub)
+        schema_task(ap)
+        ran_ok(ap)
+        told = [c for c in stub.model_calls() if "Answer with JSON only" in json.dumps(c.body)]
+    assert told and '\\"verdict\\"' in json.dumps(told[0].body), told
 
 
 def test_openai_runner_sends_response_format(ap: AgentProject) -> None:
