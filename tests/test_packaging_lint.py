@@ -82,4 +82,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").rstrip().splitlines()
     assert ci[-2:] == ["# The README's test command:", step]
     assert "mypy" in step.split(" && ")
-    assert step.endswith(' -m "not ray" && tests/ray/run'), step  # the Ray group runs too
+    assert step.endswith(" && tests/run"), step
+    script = (ROOT / "tests" / "run").read_text(encoding="utf-8")
+    assert 'python -m pytest -q -n 4 -m "not ray"' in script  # the main group
+    assert "tests/ray/run" in script  # and the Ray group
