@@ -169,6 +169,9 @@ async def run_spec(
                 await _kill_leftovers(result)
                 if isolated is not None:
                     await _settle_worktrees(result, isolated)
+                close_checks = getattr(real, "close_checks", None)
+                if close_checks is not None:  # the schema-check worker (schema_check.py)
+                    await close_checks()
                 _finish(result, state)
     progress.run_finished(result)
     return result

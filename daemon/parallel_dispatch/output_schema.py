@@ -188,6 +188,9 @@ def check_answer(text: str, schema: Mapping[str, Any], lenient: bool
         return None, [f"$: {exc}"]
     try:
         errors = mismatches(value, schema)
+    except RecursionError:  # `$ref`s that lead back to themselves without a check between
+        raise SchemaUnusable("the schema cannot be applied: it recurses without end (a $ref "
+                             "that leads back to itself?)") from None
     except Exception as exc:  # an unresolvable $ref: the schema, not the answer, is wrong
         raise SchemaUnusable(f"the schema cannot be applied: {_clip(str(exc))}") from None
     return (None, errors) if errors else (canonical(value), [])

@@ -27,23 +27,17 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import IO, Any, ClassVar
 
 from ..agent_env import agent_environment, expand_references
 from ..executor import ExecRequest, Executor, Exit, LocalExecutor
 from ..fmt import plural
 from ..inputs import compose_prompt, inputs_env
 from ..orphans import AgentRegistry
-from ..output_schema import (
-    MAX_OUTPUT_BYTES,
-    MISMATCH,
-    SCHEMA_FILE,
-    SchemaUnusable,
-    check_answer,
-    prompt_note,
-)
+from ..output_schema import MISMATCH, SCHEMA_FILE, SchemaUnusable, prompt_note
 from ..outputs import Staging, open_creating_dirs, staging_for
 from ..process import KILL_GRACE_S
+from ..schema_check import SchemaChecker, SchemaCheckTimeout
 from .base import Job, Outcome
 
 
@@ -68,6 +62,8 @@ class AttemptRunner:
         self.executor: Executor = executor or LocalExecutor()
         """Where agent processes run (executor.py): this machine, or a Ray cluster."""
         self._schema_errors: dict[tuple[str, str], list[str]] = {}
+        self.checker = SchemaChecker()
+        """Where answers are checked against `output_schema`; a `RunnerSet` shares one."""
         """(run id, task id) → why the last attempt's answer did not match its schema,
         for the next attempt's prompt."""
 
@@ -95,7 +91,7 @@ class AttemptRunner:
                 write_schema_file(staging, schema)
             outcome = await self.attempt(job, staging)
             if outcome.ok and isinstance(schema, dict):
-                self._check_answer(job, staging, schema, outcome)
+                await self._check_answer(job, staging, schema, outcome)
             if outcome.ok:
                 staging.promote()
         except OSError as exc:  # the output dir filled up, went read-only, ran out of fds
@@ -127,22 +123,20 @@ class AttemptRunner:
         previous = self._schema_errors.get(key, [])
         return prompt + prompt_note(schema, self.schema_native(job), previous)
 
-    def _check_answer(self, job: Job, staging: Staging, schema: dict[str, object],
-                      outcome: Outcome) -> None:
-        """Validate the staged answer: rewrite it as canonical JSON, or fail `outcome`
-        (retryable unless the schema itself cannot be applied) and keep why for the
+    async def _check_answer(self, job: Job, staging: Staging, schema: dict[str, Any],
+                            outcome: Outcome) -> None:
+        """Validate the staged answer in the checker's process (`schema_check.py`): it is
+        rewritten as canonical JSON, or `outcome` fails (retryable unless the schema
+        cannot be applied or the check outran its deadline) and keeps why for the
         retry's prompt."""
         key = (job.run_id, job.task.id)
         try:
-            text, errors = check_answer(read_answer(staging.target), schema,
-                                        lenient=not self.schema_native(job))
-        except SchemaUnusable as exc:
-            text, errors, outcome.retryable = None, [str(exc)], False
-        except OSError as exc:
-            text, errors = None, [f"cannot read the answer: {exc.strerror or exc}"]
-        if text is not None:
+            errors = await self.checker.check(staging.target, schema,
+                                              lenient=not self.schema_native(job))
+        except (SchemaUnusable, SchemaCheckTimeout) as exc:
+            errors, outcome.retryable = [str(exc)], False
+        if not errors:
             self._schema_errors.pop(key, None)
-            staging.target.write_text(text, encoding="utf-8")
             return
         self._schema_errors[key] = errors
         outcome.ok = False
@@ -259,15 +253,6 @@ def write_schema_file(staging: Staging, schema: dict[str, object]) -> None:
     staging.root.mkdir(parents=True, exist_ok=True)
     (staging.root / SCHEMA_FILE).write_text(json.dumps(schema, indent=2),
                                             encoding="utf-8")
-
-
-def read_answer(path: Path) -> str:
-    """The staged answer (its first `MAX_OUTPUT_BYTES`; a larger one fails to parse)."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(MAX_OUTPUT_BYTES + 1).decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""  # the agent wrote nothing: "the answer is empty"
 
 
 def _node_setter(job: Job) -> Callable[[str], None] | None:

@@ -48,6 +48,11 @@ class RunnerSet:
         self._grace = grace
         self._registry = registry
         self._presets: dict[str, AttemptRunner] = {}
+        self.checker = self.command.checker  # one schema-check worker for all runners
+
+    async def close_checks(self) -> None:
+        """Stops the schema-check worker; the next check starts a new one."""
+        await self.checker.aclose()
 
     def runner_for(self, job: Job) -> AttemptRunner:
         name = job.agent.runner
@@ -57,6 +62,7 @@ class RunnerSet:
         if runner is None:
             runner = self._presets[name] = RUNNERS[name](
                 self._env, self._grace, registry=self._registry, executor=self.executor)
+            runner.checker = self.checker
         return runner
 
     def describe(self, job: Job) -> str:
