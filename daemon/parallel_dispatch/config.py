@@ -49,6 +49,19 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _no_nul(arg: str) -> str:
+    if "\x00" in arg:
+        raise ValueError("a command-line argument cannot hold a NUL byte (no program could "
+                         "receive it); remove it")
+    return arg
+
+
+_Arg = Annotated[StrictStr, AfterValidator(_no_nul)]
+"""One argv item: the kernel ends each at its first NUL, so one could only fail the run."""
+_Amount = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""How much of a Ray resource: a finite number above 0."""
+
+
 class RunnerConfig(BaseModel):
     """Options for a runner preset; `[runners.<name>]`, overridden per agent.
 
@@ -59,9 +72,9 @@ class RunnerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    command: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    command: Annotated[list[_Arg], Field(min_length=1)] | None = None
     model: Annotated[StrictStr, Field(min_length=1)] | None = None
-    args: list[StrictStr] = Field(default_factory=list)
+    args: list[_Arg] = Field(default_factory=list)
     env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     base_url: Annotated[StrictStr, Field(min_length=1)] | None = None
     api_key_env: Annotated[StrictStr, Field(min_length=1)] | None = None
@@ -71,8 +84,8 @@ class RunnerConfig(BaseModel):
     shared_state: StrictBool | None = None
     """True: the client uses the user's own state dir (runners/client_state.py), not a
     private copy per attempt."""
-    resources: dict[Annotated[StrictStr, Field(min_length=1)],
-                    Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    resources: dict[Annotated[StrictStr, Field(min_length=1)], _Amount] = Field(
+        default_factory=dict)
     """What a Ray node must offer to run this agent (`{claude_cli = 1}`); ignored locally."""
 
 
@@ -138,8 +151,8 @@ class ExecutorConfig(BaseModel):
         default_factory=list)
     """Variables of the *worker's* environment an agent gets there (keys provisioned on
     the cluster); the driver's environment is never forwarded wholesale."""
-    resources: dict[Annotated[StrictStr, Field(min_length=1)],
-                    Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    resources: dict[Annotated[StrictStr, Field(min_length=1)], _Amount] = Field(
+        default_factory=dict)
     """What every attempt asks of a node (`{agent_slot = 1}`), under the agent's own."""
 
     @model_validator(mode="after")
@@ -176,7 +189,7 @@ class NotifyConfig(BaseModel):
     webhook: Annotated[StrictStr, AfterValidator(_webhook_url)] | None = None
     format: Literal["json", "slack"] = "json"
     """The webhook's body: the event object, or Slack's `{"text": ...}`."""
-    command: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    command: Annotated[list[_Arg], Field(min_length=1)] | None = None
     """An argv (never a shell string): the event object on stdin, `DISPATCH_EVENT*` vars."""
     events: Annotated[list[NotifyEvent], Field(min_length=1)] = Field(
         default_factory=lambda: list(NOTIFY_EVENTS))

@@ -227,9 +227,17 @@ class _Checker:
         try:
             return TaskFile.model_validate(data)
         except ValidationError as exc:
+            bad_items: dict[tuple[str | int, ...], list[Any]] = {}
             for err in exc.errors():
                 loc = tuple(err["loc"])
+                if _is_foreach_item(loc):
+                    # One line per bad item, not one per member of the item type's union
+                    # (pydantic's own locations name its internal union members).
+                    bad_items.setdefault(loc[:5], []).append(err)
+                    continue
                 self.add(loc, self._message(err, loc), key=err["type"] == "extra_forbidden")
+            for loc, errs in bad_items.items():
+                self.add(loc, _item_message(loc, errs))
             return None
 
     def _message(self, err: Any, loc: tuple[str | int, ...]) -> str:
@@ -264,7 +272,8 @@ class _Checker:
         if kind in ("less_than_equal", "string_too_long", "finite_number"):
             return _limit_message(kind, field, err.get("ctx", {}), got)
         if kind == "value_error":  # model.py's own checks say what to do themselves
-            return f"'{field}': {err['ctx']['error']} (got {_short(got)})"
+            said = str(err["ctx"]["error"])
+            return f"'{field}': {said}" + ("" if "(got " in said else f" (got {_short(got)})")
         return f"'{field}': {err['msg'].lower()} (got {_short(got)})"
 
     def check_overrides(self, overrides: dict[str, Any]) -> None:
@@ -730,6 +739,23 @@ def _limit_message(kind: str, field: str, ctx: dict[str, Any], got: Any) -> str:
 _MS_FIELDS = ("timeout", "timeout_per_task", "idle_timeout")
 _FLAGS = {"max_parallel": "--max-parallel", "timeout_per_task": "--timeout",
           "idle_timeout": "--idle-timeout", "max_cost_usd": "--max-cost"}
+
+
+def _is_foreach_item(loc: tuple[str | int, ...]) -> bool:
+    """A location inside one `foreach: items:` entry (tasks, i, foreach, items, j, ...)."""
+    return (len(loc) > 5 and loc[0] == "tasks" and loc[2] == "foreach" and loc[3] == "items"
+            and isinstance(loc[4], int))
+
+
+def _item_message(loc: tuple[str | int, ...], errs: list[Any]) -> str:
+    """What a bad `foreach: items:` entry must be instead: a mapping's bad fields by name."""
+    fields = sorted({str(e["loc"][6]) for e in errs if len(e["loc"]) > 6})
+    if fields:
+        bad = ", ".join(_quoted(f) for f in fields)
+        return (f"'foreach.items.{loc[4]}': field{'s' if len(fields) > 1 else ''} {bad} must "
+                f"be a string, number, true/false or null, not a list or mapping")
+    return (f"'foreach.items.{loc[4]}': an item must be a string or a flat mapping of "
+            f"strings, numbers, true/false or null (got {_short(errs[0].get('input'))})")
 
 
 def _short(value: Any) -> str:

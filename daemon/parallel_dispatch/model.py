@@ -221,6 +221,12 @@ class Foreach(_Strict):
                              f"{', '.join(given) or 'none'})")
         if self.exclude and self.files is None:
             raise ValueError("exclude: applies to files: only")
+        for n, item in enumerate(self.items or ()):
+            texts = [item] if isinstance(item, str) else \
+                [str(k) for k in item] + [v for v in item.values() if isinstance(v, str)]
+            if any("\0" in t for t in texts):
+                raise ValueError(f"item {n} holds a NUL character, which no agent can be "
+                                 "given in a prompt or argument; remove it")
         return self
 
 
