@@ -113,3 +113,28 @@ def test_the_alarm_kills_a_spinning_worker(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_a_check_cancelled_from_outside_leaves_no_stale_reply(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task cancelled while its answer is checked (Ctrl-C, `cancel`): the worker goes,
+    so the next check cannot read the cancelled one's late reply as its own."""
+    monkeypatch.setenv("PARALLEL_DISPATCH_SCHEMA_CHECK_S", "20")
+    slow, good = tmp_path / "slow.json", tmp_path / "good.json"
+    slow.write_text(json.dumps("a" * 24 + "!"))  # refused after a moment, not at once
+    good.write_text('{"a": 1}')
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        checker = SchemaChecker()
+        with trio.move_on_after(0.05):
+            await checker.check(slow, EVIL, lenient=False)
+        seen["after_cancel"] = checker._proc
+        seen["good"] = await checker.check(good, {"type": "object"}, lenient=False)
+        seen["bad"] = await checker.check(good, {"type": "array"}, lenient=False)
+        await checker.aclose()
+
+    trio.run(main)
+    assert seen["after_cancel"] is None
+    assert seen["good"] == []
+    assert seen["bad"] and "is not of type 'array'" in str(seen["bad"])

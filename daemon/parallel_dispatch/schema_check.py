@@ -60,8 +60,12 @@ class SchemaChecker:
         limit = deadline_s()
         async with self._lock:
             request = json.dumps({"path": str(path), "schema": schema, "lenient": lenient})
-            with trio.move_on_after(limit) as scope:
-                reply = await self._ask(request, limit)
+            try:
+                with trio.move_on_after(limit) as scope:
+                    reply = await self._ask(request, limit)
+            except BaseException:  # cancelled from outside: its reply must not be read later
+                await self._kill()
+                raise
             if scope.cancelled_caught:
                 await self._kill()
                 raise SchemaCheckTimeout(
