@@ -481,6 +481,24 @@ TASK_FIELDS: list[tuple[str, st.SearchStrategy[Any], int]] = [
     ("inputs", st.sampled_from(["none", "paths", "inline"]).map(Raw), 1),
     ("files", st.builds(Seq, st.lists(st.sampled_from(["*.py", "src/**", "", "/etc/*"])
                                       .map(lambda s: Quoted(s, '"')), max_size=2)), 1),
+    # the surface issues 11-14 added: isolation, output_schema, foreach
+    ("isolation", st.sampled_from(["none", "worktree", "chroot", "1"]).map(Raw), 1),
+    ("output_schema", st.one_of(
+        st.sampled_from(["{type: object}", "{type: objekt}", "{$ref: '#/$defs/x'}",
+                         "{type: string, pattern: '^(a+)+$'}", "true", "s.json",
+                         "../../etc/passwd", "{$defs: {l: {$ref: '#/$defs/l'}}, $ref: "
+                         "'#/$defs/l'}"]).map(Raw),
+        st.builds(Quoted, string_values, st.just('"'))), 1),
+    ("foreach", st.one_of(
+        st.builds(lambda xs: Map([("items", Seq(xs, flow=True))], flow=True),
+                  st.lists(st.one_of(pick(["a", "b", "../x", "a\0b", "", "é"]).map(
+                      lambda s: Quoted(s, '"')), st.sampled_from(
+                      [Raw("1"), Raw("true"), Raw("null"), Raw("{key: k, v: 1}"),
+                       Raw("{key: '../k'}"), Raw("{k: [1]}")])), max_size=3)),
+        st.sampled_from([Raw("{files: ['*.txt']}"), Raw("{files: ['../**']}"),
+                         Raw("{from: t0}"), Raw("{from: nope}"), Raw("{}"),
+                         Raw("{items: [a], files: ['*']}"), Raw("{items: [a, b], max_items: 1}"),
+                         Raw("{items: [a], max_items: -1}"), Raw("{items: x}")])), 1),
 ]
 SETTINGS_FIELDS: list[tuple[str, st.SearchStrategy[Any], int]] = [
     ("max_parallel", st.sampled_from(["1", "4", "10000"]).map(Raw), 3),
@@ -700,6 +718,8 @@ def encoded(draw: st.DrawFn, texts: st.SearchStrategy[str]) -> bytes:
 @example(data=b'tasks: [{id: "a\\eb", agent: shell, prompt: x, output: o}, {id: c, '
               b'agent: shell, prompt: x, output: p, dependencies: ["a\\ec"]}]\n')
 @example(data=b"tasks: a\nnull: a\n? [a]: a\n# end")  # a duplicate key past the last line
+@example(data=b'tasks: [{id: t1, agent: shell, prompt: x, output: o1.txt, '  # raw ESC (s6)
+              b'output_schema: "\\x1b"}]\n')
 def test_task_files_load_or_are_refused_with_lines(ws: Workspace, data: bytes) -> None:
     spec = load_task_bytes(ws, data)
     if spec is not None:
@@ -719,11 +739,15 @@ tasks:
 
 TOML_KEYS = {
     "defaults": ["max_parallel", "timeout_per_task", "output_dir", "on_failure",
-                 "max_retries", "retry_backoff", "max_cost_usd", "idle_timeout", "runner"],
+                 "max_retries", "retry_backoff", "max_cost_usd", "idle_timeout", "runner",
+                 "max_quota_wait", "isolation", "merge"],
     "agent": ["command", "runner", "model", "args", "env", "prompt", "output", "inputs",
-              "base_url", "api_key_env", "read_timeout"],
+              "base_url", "api_key_env", "read_timeout", "max_parallel", "shared_state",
+              "resources"],
     "runner": ["command", "model", "args", "env", "base_url", "api_key_env",
-               "read_timeout"],
+               "read_timeout", "max_parallel", "resources"],
+    "executor": ["kind", "address", "workspace", "excludes", "forward_env", "resources"],
+    "notify": ["webhook", "format", "command", "events", "timeout", "retries"],
 }
 AGENT_NAMES = ["reviewer", "claude-ish", "*", "other", "shell", "", "a b", "a\x1bb", "é",
                "\u202ex"]
@@ -765,6 +789,14 @@ toml_good = {
     "env": st.sampled_from(['{ A = "1" }', '{ "a=b" = "1" }', '{ "" = "x" }',
                             '{ A = "x\\u0000y" }', '{ "\\u001b" = "1" }']),
     "prompt": st.sampled_from(['"stdin"', '"arg"']),
+    "resources": st.sampled_from(["{ gpu = 1 }", "{ gpu = inf }", "{ gpu = -1 }",
+                                  '{ gpu = "1" }', "{ \"\" = 1 }"]),
+    "kind": st.sampled_from(['"local"', '"ray"', '"k8s"']),
+    "workspace": st.sampled_from(['"shared"', '"working_dir"', '"/mnt/x"', '"rel"']),
+    "webhook": st.sampled_from(['"http://127.0.0.1:9/x"', '"ftp://x/y"', '"http://a b"',
+                                '"http://x/\u0000"']),
+    "events": st.sampled_from(['["run_finished"]', '["all"]', "[]"]),
+    "forward_env": st.sampled_from(['["KEY"]', '["A=B"]', '["\u0000"]']),
 }
 
 
@@ -784,9 +816,10 @@ def toml_config(draw: st.DrawFn) -> str:
     """A dispatch.toml as text: sections, dotted keys, inline tables, odd bits."""
     parts: list[str] = []
     for _ in range(draw(st.integers(0, 4))):
-        kind = draw(st.sampled_from(["defaults", "agent", "runner", "other"]))
-        if kind == "defaults":
-            header = "[defaults]"
+        kind = draw(st.sampled_from(["defaults", "agent", "runner", "executor", "notify",
+                                     "other"]))
+        if kind in ("defaults", "executor", "notify"):
+            header = f"[{kind}]"
         elif kind == "agent":
             header = f"[agents.{toml_key(draw(st.sampled_from(AGENT_NAMES)))}]"
         elif kind == "runner":

@@ -487,6 +487,10 @@ class _Checker:
         the task file's folder), or None (reported, naming both files)."""
         from .yamlsafe import load_yaml
 
+        if _CONTROL.search(given):  # it would reach the terminal in every message below
+            self.add(loc, f"output_schema {_quoted(given)} holds a control or invisible "
+                          "character; name the schema file with printable characters")
+            return None
         folder = path.parent
         target = Path(os.path.expanduser(given)) if given.startswith("~") else folder / given
         real = os.path.realpath(target)
