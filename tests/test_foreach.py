@@ -299,3 +299,28 @@ def test_plan_and_report_collapse_a_fan_out_beyond_20(project: Project) -> None:
     assert "many[19] :" in chart and "many[20] :" not in chart
     assert "many … 5 more :done," in chart  # one bar for the rest
     assert len(project.report()["foreach"]["many"]) == 25  # type: ignore[index]
+
+
+def test_a_symlink_loop_under_a_double_star_glob_is_not_followed(project: Project) -> None:
+    """`glob` follows symlinked folders, so two links back up the tree made `src/**/*.py`
+    run for ever (validation never ended); they are not followed now, and a symlinked
+    file still matches."""
+    (project.root / "src/x").mkdir(parents=True)
+    (project.root / "src/x/a.py").write_text("a = 1\n")
+    (project.root / "src/x/up").symlink_to("..")
+    (project.root / "src/x/up2").symlink_to("../..")
+    (project.root / "src/b.py").symlink_to("x/a.py")
+    (project.root / "src/.hidden.py").write_text("")
+    project.write("t.yaml", """\
+        tasks:
+          - id: r
+            agent: shell
+            foreach:
+              files: ["src/**/*.py"]
+            prompt: "echo {path}"
+            output: "r/{stem}.txt"
+    """)
+    proc = project.run("plan", "t.yaml", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "r[src:x:a.py]" in proc.stdout and "r[src:b.py]" in proc.stdout
+    assert "up" not in proc.stdout and "hidden" not in proc.stdout
