@@ -317,3 +317,27 @@ def test_report_goes_elsewhere_when_the_output_dir_stays_full(project: Project,
             for p in path.parent.iterdir():
                 p.unlink()
             path.parent.rmdir()
+
+
+def test_a_symlink_loop_under_a_tasks_files_glob_is_not_followed(project: Project) -> None:
+    """A task's `files:` glob is hashed into its fingerprint at run time; `glob` followed
+    symlinked folders, so links back up the tree made the run hang before any task."""
+    (project.root / "src/x").mkdir(parents=True)
+    (project.root / "src/x/a.py").write_text("a = 1\n")
+    (project.root / "src/x/up").symlink_to("..")
+    (project.root / "src/x/up2").symlink_to("../..")
+    project.write("t.yaml", """\
+        tasks:
+          - id: r
+            agent: shell
+            prompt: "true"
+            output: r.txt
+            files: ["src/**/*.py"]
+    """)
+    first = project.run("t.yaml", "--resume", timeout=60)
+    assert first.returncode == 0, first.stderr
+    again = project.run("t.yaml", "--resume", timeout=60)
+    assert "1 cached" in again.stderr, again.stderr
+    (project.root / "src/x/a.py").write_text("a = 2\n")  # the file is still hashed
+    edited = project.run("t.yaml", "--resume", timeout=60)
+    assert "1 succeeded" in edited.stderr, edited.stderr

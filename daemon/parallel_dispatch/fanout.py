@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import glob
 import json
 import os
 import posixpath
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .globwalk import glob_files
 from .graph import Graph
 from .model import MAX_ID_CHARS, RESERVED_OUTPUTS, Task
 from .spec import DispatchSpec
@@ -74,7 +74,7 @@ def file_items(root: Path, files: Sequence[str], exclude: Sequence[str],
     out = os.path.realpath(output_dir) if output_dir is not None else None
     found: set[str] = set()
     for pattern in files:
-        for rel in _glob(root, pattern):
+        for rel in glob_files(root, pattern):
             match = os.path.join(root, rel)
             if not os.path.isfile(match):
                 continue
@@ -84,62 +84,6 @@ def file_items(root: Path, files: Sequence[str], exclude: Sequence[str],
     kept = sorted(p for p in found
                   if not any(fnmatch.fnmatchcase(p, x) or _glob_match(p, x) for x in exclude))
     return [Item(_file_key(p), p, p) for p in kept]
-
-
-def _glob(root: Path, pattern: str) -> list[str]:
-    """What `glob.glob(root/pattern, recursive=True)` finds, as paths relative to `root`,
-    without following symlinked folders: `glob` follows them, so a link back up the tree
-    (`src/x/up -> ..`) made a `**` glob run for ever. Hidden names match only a pattern
-    part that starts with '.', as in `glob`; a symlinked file still matches."""
-    parts = tuple(p for p in pattern.split("/") if p not in ("", "."))
-    fixed: list[str] = []
-    for part in parts:  # walk from the longest literal prefix, not the whole project
-        if glob.has_magic(part) or part == "**":
-            break
-        fixed.append(part)
-    start = os.path.join(root, *fixed)
-    hidden = any(p.startswith(".") for p in parts)
-    matcher = _PartsMatcher(parts)
-    found = []
-    for here, dirs, names in os.walk(start, followlinks=False):
-        rel_dir = os.path.relpath(here, root)
-        base = () if rel_dir == "." else tuple(rel_dir.split(os.sep))
-        if not hidden:
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in names:
-            if matcher.matches((*base, name)):
-                found.append("/".join((*base, name)))
-    return found
-
-
-class _PartsMatcher:
-    """A glob pattern's parts (`**` = any number of folders) against a path's parts,
-    memoised: `**/**/**/x` against a deep path is polynomial, not exponential."""
-
-    def __init__(self, pattern: tuple[str, ...]) -> None:
-        self.pattern = pattern
-
-    def matches(self, path: tuple[str, ...]) -> bool:
-        memo: dict[tuple[int, int], bool] = {}
-
-        def at(i: int, j: int) -> bool:
-            if (i, j) in memo:
-                return memo[i, j]
-            if j == len(self.pattern):
-                ok = i == len(path)
-            elif self.pattern[j] == "**":
-                ok = at(i, j + 1) or (i < len(path) and not path[i].startswith(".")
-                                      and at(i + 1, j))
-            elif i == len(path):
-                ok = False
-            else:
-                part, name = self.pattern[j], path[i]
-                ok = (not name.startswith(".") or part.startswith(".")) and \
-                    fnmatch.fnmatchcase(name, part) and at(i + 1, j + 1)
-            memo[i, j] = ok
-            return ok
-
-        return at(0, 0)
 
 
 def _glob_match(path: str, pattern: str) -> bool:

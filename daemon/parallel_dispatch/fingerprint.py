@@ -9,7 +9,6 @@ fingerprint + last run succeeded + output intact ⇒ the old output is reused.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .globwalk import glob_files
 from .spec import DispatchSpec
 
 _CHUNK = 1 << 20
@@ -58,9 +58,9 @@ def expand_files(root: Path, patterns: Iterable[str]) -> list[Path]:
     """Files matched by `files:` globs (recursive `**` allowed), sorted, deduplicated."""
     found: set[Path] = set()
     for pattern in patterns:
-        full = pattern if os.path.isabs(pattern) else str(root / pattern)
-        for match in glob.glob(full, recursive=True):
-            p = Path(match)
+        base = Path("/") if os.path.isabs(pattern) else root  # symlinked folders not followed
+        for rel in glob_files(base, pattern.lstrip("/") if base != root else pattern):
+            p = base / rel
             if p.is_file():
                 found.add(p)
     return sorted(found)
