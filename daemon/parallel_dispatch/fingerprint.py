@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,10 +56,9 @@ def output_stamp(path: Path) -> list[int] | None:
 def expand_files(root: Path, patterns: Iterable[str]) -> list[Path]:
     """Files matched by `files:` globs (recursive `**` allowed), sorted, deduplicated."""
     found: set[Path] = set()
-    for pattern in patterns:
-        base = Path("/") if os.path.isabs(pattern) else root  # symlinked folders not followed
-        for rel in glob_files(base, pattern.lstrip("/") if base != root else pattern):
-            p = base / rel
+    for pattern in patterns:  # relative, inside the project (model.py); links not followed
+        for rel in glob_files(root, pattern):
+            p = root / rel
             if p.is_file():
                 found.add(p)
     return sorted(found)

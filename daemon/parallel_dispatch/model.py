@@ -262,7 +262,8 @@ class Task(_Strict):
         default_factory=list, description="Globs (relative to the project root; a trailing "
         "'/' covers a whole folder) of files this task changes in the shared tree: two "
         "tasks whose writes overlap never run at the same time.")
-    files: list[Annotated[StrictStr, Field(min_length=1)]] = Field(
+    files: list[Annotated[StrictStr, Field(min_length=1),
+                          AfterValidator(_relative_glob)]] = Field(
         default_factory=list, description="Globs (relative to the project root) of files this "
         "task reads; their contents join its fingerprint and the daemon re-runs it when they "
         "change.")
