@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,11 @@ def output_stamp(path: Path) -> list[int] | None:
 def expand_files(root: Path, patterns: Iterable[str]) -> list[Path]:
     """Files matched by `files:` globs (recursive `**` allowed), sorted, deduplicated."""
     found: set[Path] = set()
-    for pattern in patterns:  # relative, inside the project (model.py); links not followed
-        for rel in glob_files(root, pattern):
-            p = root / rel
+    for pattern in patterns:  # symlinked folders are not followed (globwalk.py)
+        # Task files give relative globs (model.py); the daemon passes them made absolute.
+        base = root if not os.path.isabs(pattern) else Path("/")
+        for rel in glob_files(base, pattern if base is root else pattern.lstrip("/")):
+            p = base / rel
             if p.is_file():
                 found.add(p)
     return sorted(found)
