@@ -201,9 +201,11 @@ def test_no_worktree_remains_after_an_attempt(project: Project, prompt: str,
     make_repo(project.root, {"f.txt": b"f\n"})
     mark = project.root / "t-started"
     # `w`, in the shared tree, watches `t`'s worktree go while the run goes on: removed
-    # when the attempt ends, not at the end of the run.
+    # when the attempt ends, not at the end of the run. It waits for both the folder and
+    # git's record of it (on a busy machine one goes a moment before the other).
     watch = (f"i=0; while [ ! -e {mark} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); "
-             "done; i=0; while ls -d .aiwg/worktrees/*/t >/dev/null 2>&1 && "
+             "done; i=0; while { ls -d .aiwg/worktrees/*/t >/dev/null 2>&1 || "
+             "[ $(git worktree list --porcelain | grep -c ^worktree) -gt 1 ]; } && "
              "[ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; "
              "git worktree list --porcelain | grep -c ^worktree")
     project.write("t.yaml", f"""\

@@ -274,14 +274,17 @@ class Limiter:
 def serve(limiter: Limiter, tokens: int, refuse: Callable[[Verdict], None],
           answer: Callable[[Verdict], None]) -> None:
     """What a stub's handler does with a limited request: refuse it, or wait the delay
-    (holding the slot) and answer it."""
+    (holding the slot) and answer it.  The slot is given back before the answer is sent,
+    as a provider's is once the answer is ready: a client that reads the answer and sends
+    its next request at once must find the slot free, or a busy machine (this thread not
+    yet back from writing) turns the stub's own bookkeeping into a spurious 429."""
     with limiter.request(tokens) as verdict:
         if not verdict.admitted:
             refuse(verdict)
             return
         if verdict.delay_s:
             limiter.sleep(verdict.delay_s)
-        answer(verdict)
+    answer(verdict)
 
 
 # -- OpenAI ----------------------------------------------------------------------------
