@@ -33,8 +33,8 @@ def glob_files(root: Path, pattern: str) -> list[str]:
     for here, dirs, names in os.walk(start, followlinks=False):
         rel_dir = os.path.relpath(here, root)
         base = () if rel_dir == "." else tuple(rel_dir.split(os.sep))
-        if not hidden:
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if (hidden or not d.startswith("."))
+                   and matcher.can_descend((*base, d))]  # as glob: only where it may match
         for name in names:
             if matcher.matches((*base, name)):
                 found.append("/".join((*base, name)))
@@ -63,6 +63,29 @@ class _PartsMatcher:
                 ok = False
             else:
                 part, name = self.pattern[j], path[i]
+                ok = (not name.startswith(".") or part.startswith(".")) and \
+                    fnmatch.fnmatchcase(name, part) and at(i + 1, j + 1)
+            memo[i, j] = ok
+            return ok
+
+        return at(0, 0)
+
+    def can_descend(self, folder: tuple[str, ...]) -> bool:
+        """Whether something below `folder` could match: `*.md` never looks below the
+        root, `src/*/x.py` never below `src/a/`'s children."""
+        memo: dict[tuple[int, int], bool] = {}
+
+        def at(i: int, j: int) -> bool:
+            if (i, j) in memo:
+                return memo[i, j]
+            if i == len(folder):
+                ok = j < len(self.pattern)  # a part is left for what lies below
+            elif j == len(self.pattern):
+                ok = False
+            elif self.pattern[j] == "**":
+                ok = at(i, j + 1) or (not folder[i].startswith(".") and at(i + 1, j))
+            else:
+                part, name = self.pattern[j], folder[i]
                 ok = (not name.startswith(".") or part.startswith(".")) and \
                     fnmatch.fnmatchcase(name, part) and at(i + 1, j + 1)
             memo[i, j] = ok
