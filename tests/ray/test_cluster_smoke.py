@@ -24,6 +24,7 @@ from raycluster import (
     driver_result,
     is_loopback,
     net_tables,
+    processes,
     survivors,
     wait_gone,
 )
@@ -123,7 +124,9 @@ def test_survivors_finds_a_marked_process_until_it_is_gone() -> None:
         deadline = time.monotonic() + 30
         while survivors(marker) != [proc.pid] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert survivors(marker) == [proc.pid]
+        assert survivors(marker) == [proc.pid], (  # say what became of it, should it fail
+            f"exit {proc.poll()}; /proc/{proc.pid}: "
+            f"{[p for p in processes().values() if p.pid == proc.pid]}")
         assert wait_gone(marker, within=0.5) == [proc.pid]
         proc.send_signal(signal.SIGKILL)
         assert not wait_gone(marker)
