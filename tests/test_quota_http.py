@@ -55,11 +55,15 @@ def test_the_governor_finds_the_providers_limit_and_fails_nothing(
     # retry-after; starts were staggered, so a burst of 8 never went out at once.
     (pool,) = report["pools"]
     assert (pool["name"], pool["limit_max"], pool["limit_now"]) == ("openai", N, 2)
-    assert pool["decreases"] == 1
-    assert 1 <= stats["rejected"] <= 3, stats
+    # One burst, one cut. On a busy machine the first start after the pause can still
+    # find the provider full (its two slots held past the retry-after): a second cut,
+    # never more, and the limit stays at the 2 the provider accepts.
+    assert 1 <= pool["decreases"] <= 2, pool
+    assert 1 <= stats["rejected"] <= 4, stats
     waited = [t for t in report["tasks"] if t.get("quota_waits")]
-    assert len(waited) == stats["rejected"]
-    assert all(t["status"] == "succeeded" and t["attempts"] == 2 for t in waited)
+    assert sum(t["quota_waits"] for t in waited) == stats["rejected"]  # each refusal a wait
+    assert all(t["status"] == "succeeded" and t["attempts"] == 1 + t["quota_waits"]
+               for t in waited)  # a wait spends no retry (retries: 0 here)
     assert report["summary"]["waited_for_quota"] == len(waited)
     md = (ap.root / ".aiwg/working/dispatch-report.md").read_text()
     assert "## Pools" in md and "| openai | 2 / 8 |" in md

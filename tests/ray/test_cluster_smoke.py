@@ -122,9 +122,9 @@ def test_survivors_finds_a_marked_process_until_it_is_gone() -> None:
     proc = subprocess.Popen(["bash", "-c", f'exec -a "{marker}" sleep 300'])
     try:
         deadline = time.monotonic() + 30
-        while survivors(marker) != [proc.pid] and time.monotonic() < deadline:
+        while (found := survivors(marker)) != [proc.pid] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert survivors(marker) == [proc.pid], (  # say what became of it, should it fail
+        assert found == [proc.pid], (  # say what became of it, should it fail
             f"exit {proc.poll()}; /proc/{proc.pid}: "
             f"{[p for p in processes().values() if p.pid == proc.pid]}")
         assert wait_gone(marker, within=0.5) == [proc.pid]
