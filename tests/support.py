@@ -93,3 +93,12 @@ def wait_until(pred: Callable[[], bool], timeout: float = 30.0, interval: float 
             return True
         time.sleep(interval)
     return pred()
+
+
+def symlink_loops(root: Path) -> None:
+    """`src/x/a.py` under two links back up the tree (`up -> ..`, `up2 -> ../..`): a
+    `glob.glob('src/**/*.py', recursive=True)` that follows them never ends."""
+    (root / "src/x").mkdir(parents=True)
+    (root / "src/x/a.py").write_text("a = 1\n")
+    (root / "src/x/up").symlink_to("..")
+    (root / "src/x/up2").symlink_to("../..")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from parallel_dispatch import TaskFileError, load_spec
-from support import Project, cli_env
+from support import Project, cli_env, symlink_loops
 
 
 def errors_of(path: Path, **kw: object) -> list[str]:
@@ -322,10 +322,7 @@ def test_report_goes_elsewhere_when_the_output_dir_stays_full(project: Project,
 def test_a_symlink_loop_under_a_tasks_files_glob_is_not_followed(project: Project) -> None:
     """A task's `files:` glob is hashed into its fingerprint at run time; `glob` followed
     symlinked folders, so links back up the tree made the run hang before any task."""
-    (project.root / "src/x").mkdir(parents=True)
-    (project.root / "src/x/a.py").write_text("a = 1\n")
-    (project.root / "src/x/up").symlink_to("..")
-    (project.root / "src/x/up2").symlink_to("../..")
+    symlink_loops(project.root)
     project.write("t.yaml", """\
         tasks:
           - id: r

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from support import Project
+from support import Project, symlink_loops
 from test_daemon import Daemon, daemons, wait_report  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -305,10 +305,7 @@ def test_a_symlink_loop_under_a_double_star_glob_is_not_followed(project: Projec
     """`glob` follows symlinked folders, so two links back up the tree made `src/**/*.py`
     run for ever (validation never ended); they are not followed now, and a symlinked
     file still matches."""
-    (project.root / "src/x").mkdir(parents=True)
-    (project.root / "src/x/a.py").write_text("a = 1\n")
-    (project.root / "src/x/up").symlink_to("..")
-    (project.root / "src/x/up2").symlink_to("../..")
+    symlink_loops(project.root)
     (project.root / "src/b.py").symlink_to("x/a.py")
     (project.root / "src/.hidden.py").write_text("")
     project.write("t.yaml", """\

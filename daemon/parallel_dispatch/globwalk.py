@@ -49,12 +49,23 @@ class _PartsMatcher:
         self.pattern = pattern
 
     def matches(self, path: tuple[str, ...]) -> bool:
+        return self._reach(path, prefix=False)
+
+    def can_descend(self, folder: tuple[str, ...]) -> bool:
+        """Whether something below `folder` could match: `*.md` never looks below the
+        root, `src/*/x.py` never below `src/a/`'s children."""
+        return self._reach(folder, prefix=True)
+
+    def _reach(self, path: tuple[str, ...], prefix: bool) -> bool:
+        """Whether the pattern matches `path` whole, or (`prefix`) could go on below it."""
         memo: dict[tuple[int, int], bool] = {}
 
         def at(i: int, j: int) -> bool:
             if (i, j) in memo:
                 return memo[i, j]
-            if j == len(self.pattern):
+            if prefix and i == len(path):
+                ok = j < len(self.pattern)  # a part is left for what lies below
+            elif j == len(self.pattern):
                 ok = i == len(path)
             elif self.pattern[j] == "**":
                 ok = at(i, j + 1) or (i < len(path) and not path[i].startswith(".")
@@ -63,29 +74,6 @@ class _PartsMatcher:
                 ok = False
             else:
                 part, name = self.pattern[j], path[i]
-                ok = (not name.startswith(".") or part.startswith(".")) and \
-                    fnmatch.fnmatchcase(name, part) and at(i + 1, j + 1)
-            memo[i, j] = ok
-            return ok
-
-        return at(0, 0)
-
-    def can_descend(self, folder: tuple[str, ...]) -> bool:
-        """Whether something below `folder` could match: `*.md` never looks below the
-        root, `src/*/x.py` never below `src/a/`'s children."""
-        memo: dict[tuple[int, int], bool] = {}
-
-        def at(i: int, j: int) -> bool:
-            if (i, j) in memo:
-                return memo[i, j]
-            if i == len(folder):
-                ok = j < len(self.pattern)  # a part is left for what lies below
-            elif j == len(self.pattern):
-                ok = False
-            elif self.pattern[j] == "**":
-                ok = at(i, j + 1) or (not folder[i].startswith(".") and at(i + 1, j))
-            else:
-                part, name = self.pattern[j], folder[i]
                 ok = (not name.startswith(".") or part.startswith(".")) and \
                     fnmatch.fnmatchcase(name, part) and at(i + 1, j + 1)
             memo[i, j] = ok
