@@ -140,18 +140,23 @@ class CliRun:
         return self.proc.returncode
 
 
+def stop(proc: subprocess.Popen[str], sig: signal.Signals) -> None:
+    """Ends a dispatcher a test started: `sig`, then SIGKILL if it does not go in time."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture
 def runs() -> Iterator[list[CliRun]]:
     started: list[CliRun] = []
     yield started
     for r in started:
-        if r.proc.poll() is None:
-            r.proc.send_signal(signal.SIGINT)
-            try:
-                r.proc.wait(timeout=WAIT)
-            except subprocess.TimeoutExpired:
-                r.proc.kill()
-                r.proc.wait()
+        stop(r.proc, signal.SIGINT)
         if r.proc.stdout is not None:
             r.proc.stdout.close()
 
@@ -352,13 +357,7 @@ class Daemon:
 def daemon(project: Project) -> Iterator[Daemon]:
     d = Daemon(project)
     yield d
-    if d.proc.poll() is None:
-        d.proc.send_signal(signal.SIGTERM)
-        try:
-            d.proc.wait(timeout=WAIT)
-        except subprocess.TimeoutExpired:
-            d.proc.kill()
-            d.proc.wait()
+    stop(d.proc, signal.SIGTERM)
 
 
 def test_daemon_cancel_then_rerun_after_the_run_ended(project: Project, daemon: Daemon) -> None:

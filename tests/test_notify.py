@@ -28,6 +28,7 @@ from stubs.openai_chat import OpenAIChatStub
 from support import Project, wait_until
 from test_daemon import WAIT, Daemon, wait_report
 from test_merge import FIVE_LINES, make_repo
+from test_openai_runner import configure
 
 
 @dataclass
@@ -303,19 +304,8 @@ def test_a_pool_waiting_for_quota_is_notified_once(
         server.limiter = Limiter(Limits(concurrency=2, delay_s=2.0))
         ap = make_agent_project(project, tmp_path)
         ap.define("assistant", "You are terse.")
-        ap.config(f"""
-            [defaults]
-            runner = "openai"
-            retry_backoff = 0
-
-            [runners.openai]
-            base_url = "{server.base_url}"
-            model = "m"
-
-            [notify]
-            webhook = "{hook.url}"
-            events = ["quota_wait"]
-        """)
+        configure(ap, server, "m",
+                  f'\n[notify]\nwebhook = "{hook.url}"\nevents = ["quota_wait"]\n')
         ap.tasks("tasks:\n" + "".join(
             f"  - {{id: t{i}, agent: assistant, prompt: hi, output: t{i}.md, retries: 0}}\n"
             for i in range(4)))
